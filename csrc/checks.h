@@ -1,0 +1,30 @@
+// Argument checks shared by the kernels. Every message names the op and the argument, and says what was
+// expected and what came in.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace fastmnist {
+
+// A floating-point tensor of a dtype the kernels are compiled for (float32, float64).
+inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+// `t` has the same dtype and device as the reference tensor `ref` (named `ref_name`).
+inline void check_same_dtype_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                                    const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has dtype ", ref.scalar_type(), "; they must match");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; they must be on the same device");
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+}  // namespace fastmnist

@@ -1,0 +1,244 @@
+// Fused linear + activation on the CPU: out = act(x @ W^T + b).
+//
+// Forward. For few outputs (N <= kSmallN, e.g. a 10-class head) BLAS runs far below peak, so a register-
+// blocked dot-product kernel computes a tile of x @ W^T and applies bias and activation before storing it.
+// Otherwise the GEMM goes through ATen (MKL) and one pass over each row block adds the bias and applies the
+// activation while the block is in cache.
+// Saved for backward: the output y only (plus the inputs x and W, which the GEMMs need); every activation's
+// derivative is a function of y (see activation.h).
+//
+// Backward. One pass over grad_out computes g_z = grad_out * f'(y) and, in the same pass, the bias gradient
+// (per-chunk partial sums over fixed row chunks, added in chunk order: deterministic for any thread count).
+// Then grad_x = g_z @ W and grad_W = g_z^T @ x through ATen, each only when requested.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "activation.h"
+#include "checks.h"
+#include "cpu/activation_vec.h"
+
+namespace fastmnist {
+namespace {
+
+using cpu::Vec;
+using cpu::kWidth;
+
+constexpr int64_t kSmallN = 16;      // at most this many outputs: our own dot-product kernel
+constexpr int64_t kRowChunk = 32;    // rows per task in the element-wise passes and the bias reduction
+
+// y[r, :] = act(y[r, :] + b) for rows [r0, r1) of a (rows, n) row-major block.
+template <typename T, Activation A>
+struct BiasActRows {
+  static FASTMNIST_INLINE void run(T* y, const T* bias, int64_t r0, int64_t r1, int64_t n, T slope) {
+    constexpr int W = kWidth<T>;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* row = y + r * n;
+      int64_t j = 0;
+      for (; j + W <= n; j += W) {
+        Vec<T> z = cpu::load<T>(row + j);
+        if (bias != nullptr) z += cpu::load<T>(bias + j);
+        cpu::store(row + j, cpu::vactivate<A, T>(z, slope));
+      }
+      for (; j < n; ++j) row[j] = cpu::activate<A, T>(row[j] + (bias != nullptr ? bias[j] : T(0)), slope);
+    }
+  }
+};
+
+// Dot products of R rows of x with C rows of W (all of length k), vectorised along k.
+template <typename T, int R, int C>
+FASTMNIST_INLINE void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, int64_t k, T out[R][C]) {
+  constexpr int W = kWidth<T>;
+  Vec<T> acc[R][C] = {};
+  int64_t p = 0;
+  for (; p + W <= k; p += W) {
+    Vec<T> xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = cpu::load<T>(x + r * ldx + p);
+    for (int c = 0; c < C; ++c) {
+      Vec<T> wv = cpu::load<T>(w + c * ldw + p);
+      for (int r = 0; r < R; ++r) acc[r][c] += xv[r] * wv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      T s = cpu::reduce_add<T>(acc[r][c]);
+      for (int64_t q = p; q < k; ++q) s += x[r * ldx + q] * w[c * ldw + q];
+      out[r][c] = s;
+    }
+  }
+}
+
+// Rows [r0, r1) of y = act(x @ W^T + b) for n <= kSmallN outputs, tiles of 2 rows x 4 outputs.
+template <typename T, Activation A>
+struct SmallNLinearAct {
+  template <int R, int C>
+  static FASTMNIST_INLINE void tile(const T* x, const T* w, const T* bias, T* y, int64_t r, int64_t c, int64_t n,
+                                    int64_t k, T slope) {
+    T out[R][C];
+    dot_tile<T, R, C>(x + r * k, k, w + c * k, k, k, out);
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < C; ++j)
+        y[(r + i) * n + c + j] = cpu::activate<A, T>(out[i][j] + (bias != nullptr ? bias[c + j] : T(0)), slope);
+  }
+  template <int R>
+  static FASTMNIST_INLINE void row_block(const T* x, const T* w, const T* bias, T* y, int64_t r, int64_t n,
+                                         int64_t k, T slope) {
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4) tile<R, 4>(x, w, bias, y, r, c, n, k, slope);
+    for (; c < n; ++c) tile<R, 1>(x, w, bias, y, r, c, n, k, slope);
+  }
+  static FASTMNIST_INLINE void run(const T* x, const T* w, const T* bias, T* y, int64_t r0, int64_t r1, int64_t n,
+                                   int64_t k, T slope) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) row_block<2>(x, w, bias, y, r, n, k, slope);
+    for (; r < r1; ++r) row_block<1>(x, w, bias, y, r, n, k, slope);
+  }
+};
+
+// g_z[r, :] = g[r, :] * f'(y[r, :]) for rows [r0, r1), and bias_partial[:] = sum over those rows of g_z.
+// `gz` may alias `g` (then g is overwritten); `gz == nullptr` computes only the bias partial.
+template <typename T, Activation A>
+struct ActGradRows {
+  static FASTMNIST_INLINE void run(const T* g, const T* y, T* gz, T* bias_partial, int64_t r0, int64_t r1,
+                                   int64_t n, T slope) {
+    constexpr int W = kWidth<T>;
+    if (bias_partial != nullptr) std::fill(bias_partial, bias_partial + n, T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j = 0;
+      for (; j + W <= n; j += W) {
+        Vec<T> v = cpu::load<T>(g + r * n + j) * cpu::vgrad_from_output<A, T>(cpu::load<T>(y + r * n + j), slope);
+        if (gz != nullptr) cpu::store(gz + r * n + j, v);
+        if (bias_partial != nullptr) cpu::store(bias_partial + j, cpu::load<T>(bias_partial + j) + v);
+      }
+      for (; j < n; ++j) {
+        T v = g[r * n + j] * activation_grad_from_output<T>(A, y[r * n + j], slope);
+        if (gz != nullptr) gz[r * n + j] = v;
+        if (bias_partial != nullptr) bias_partial[j] += v;
+      }
+    }
+  }
+};
+
+constexpr const char* kOp = "linear_act";
+
+void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_float_tensor(op, "x", x);
+  check_float_tensor(op, "weight", weight);
+  check_same_dtype_device(op, "weight", weight, "x", x);
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (*, in_features), got a 0-dimensional tensor");
+  check_dim(op, "weight", weight, 2);
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has in_features = ", x.size(-1),
+              " but weight has shape ", weight.sizes(), " (out_features, in_features = ", weight.size(1), ")");
+}
+
+at::Tensor linear_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          c10::string_view activation, double negative_slope) {
+  const Activation act = parse_activation(activation);
+  check_negative_slope(negative_slope);
+  check_linear_args(kOp, x, weight);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_same_dtype_device(kOp, "bias", *bias, "x", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": bias must have shape (",
+                weight.size(0), ",) to match weight, got ", bias->sizes());
+  }
+  const int64_t k = weight.size(1), n = weight.size(0);
+  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2d.size(0);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({m, n}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_act_cpu", [&] {
+    const scalar_t slope = static_cast<scalar_t>(negative_slope);
+    const scalar_t* bias_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
+    cpu::with_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      if (n <= kSmallN) {
+        const scalar_t* x_ptr = x2d.const_data_ptr<scalar_t>();
+        const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+        // a grain of ~64k multiply-adds per task
+        const int64_t grain = std::max<int64_t>(2, 65536 / std::max<int64_t>(1, n * k));
+        at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+          cpu::run_kernel<SmallNLinearAct<scalar_t, A>>(x_ptr, w_ptr, bias_ptr, y_ptr, r0, r1, n, k, slope);
+        });
+      } else {
+        at::mm_out(y, x2d, w.t());
+        if (A == Activation::Identity && !has_bias) return;
+        at::parallel_for(0, m, kRowChunk, [&](int64_t r0, int64_t r1) {
+          cpu::run_kernel<BiasActRows<scalar_t, A>>(y_ptr, bias_ptr, r0, r1, n, slope);
+        });
+      }
+    });
+  });
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  return y.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    c10::string_view activation, double negative_slope, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "linear_act_backward";
+  const Activation act = parse_activation(activation);
+  check_negative_slope(negative_slope);
+  check_linear_args(op, x, weight);
+  check_same_dtype_device(op, "grad_out", grad_out, "x", x);
+  check_same_dtype_device(op, "out", out, "x", x);
+  const int64_t k = weight.size(1), n = weight.size(0);
+  TORCH_CHECK(out.sizes() == grad_out.sizes() && out.size(-1) == n && out.numel() / n == x.numel() / std::max<int64_t>(k, 1),
+              op, ": grad_out ", grad_out.sizes(), " and out ", out.sizes(), " must both have the shape of the forward output");
+  const at::Tensor y = out.reshape({-1, n}).contiguous();
+  const at::Tensor g = grad_out.reshape({-1, n}).contiguous();
+  const int64_t m = y.size(0);
+  const bool need_input_grads = output_mask[0] || output_mask[1];
+  const bool need_bias = output_mask[2];
+
+  // g_z = g * f'(y); for the identity, g_z is g itself.
+  at::Tensor gz = act == Activation::Identity ? g : (need_input_grads ? at::empty_like(g) : at::Tensor());
+  at::Tensor grad_bias = need_bias ? at::empty({n}, x.options()) : at::empty({0}, x.options());
+  if (need_bias || (need_input_grads && act != Activation::Identity)) {
+    const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
+    at::Tensor partials = need_bias ? at::empty({chunks, n}, x.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_act_backward_cpu", [&] {
+      const scalar_t slope = static_cast<scalar_t>(negative_slope);
+      const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+      const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
+      scalar_t* gz_ptr = (act != Activation::Identity && gz.defined()) ? gz.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* partial_ptr = need_bias ? partials.mutable_data_ptr<scalar_t>() : nullptr;
+      cpu::with_activation(act, [&](auto a) {
+        constexpr Activation A = decltype(a)::value;
+        at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            cpu::run_kernel<ActGradRows<scalar_t, A>>(g_ptr, y_ptr, gz_ptr,
+                                                      partial_ptr ? partial_ptr + c * n : nullptr, c * kRowChunk,
+                                                      std::min(m, (c + 1) * kRowChunk), n, slope);
+          }
+        });
+      });
+      if (need_bias) {
+        // chunk partials added in chunk order
+        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+        std::fill(gb, gb + n, scalar_t(0));
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t j = 0; j < n; ++j) gb[j] += partial_ptr[c * n + j];
+      }
+    });
+  }
+  at::Tensor grad_x = at::empty({0}, x.options());
+  at::Tensor grad_w = at::empty({0}, x.options());
+  if (output_mask[0]) grad_x = at::mm(gz, weight).view(x.sizes());
+  if (output_mask[1]) grad_w = at::mm(gz.t(), x.reshape({-1, k}));
+  return {grad_x, grad_w, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
+  m.impl("linear_act", &linear_act_cpu);
+  m.impl("linear_act_backward", &linear_act_backward_cpu);
+}
+
+}  // namespace fastmnist

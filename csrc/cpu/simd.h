@@ -1,0 +1,133 @@
+// Portable SIMD for the CPU kernels, with the AVX2+FMA path chosen at run time.
+//
+// Kernels are written once as always-inline templates over `Vec<T>` (GCC/Clang vector extensions, 32 bytes:
+// 8 floats or 4 doubles). Each entry point is compiled twice by run_kernel: once for baseline
+// x86-64 (the vector ops become SSE2 pairs) and once with target("avx2,fma"). A build made on one machine
+// therefore runs on any x86-64 CPU, and uses AVX2+FMA where the CPU has it. The two paths compute the same
+// function; they differ only in rounding where FMA contracts a multiply-add.
+// Kernels are written as structs with an always-inline static `run`, dispatched by run_kernel<K>() below.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#define FASTMNIST_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FASTMNIST_HAVE_AVX2_PATH 1
+#define FASTMNIST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTMNIST_HAVE_AVX2_PATH 0
+#define FASTMNIST_TARGET_AVX2
+#endif
+
+namespace fastmnist::cpu {
+
+// Which compiled path the kernels take: set by set_cpu_path(), "auto" by default.
+bool use_avx2();
+// "auto", "avx2" or "portable"; returns the path in use afterwards. "avx2" on a CPU without it is an error.
+std::string set_cpu_path(const std::string& path);
+
+template <typename T>
+struct VecType {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecType<T>::type;
+template <typename T>
+using IntVec = typename VecType<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>::type;
+
+template <typename T>
+constexpr int kWidth = 32 / sizeof(T);
+
+template <typename T>
+FASTMNIST_INLINE Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+FASTMNIST_INLINE void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+FASTMNIST_INLINE Vec<T> broadcast(T x) {
+  return Vec<T>{} + x;
+}
+template <typename T>
+FASTMNIST_INLINE T reduce_add(Vec<T> v) {
+  T s = 0;
+  for (int i = 0; i < kWidth<T>; ++i) s += v[i];
+  return s;
+}
+template <typename T>
+FASTMNIST_INLINE Vec<T> vmax(Vec<T> a, Vec<T> b) {
+  return a > b ? a : b;
+}
+template <typename T>
+FASTMNIST_INLINE Vec<T> vmin(Vec<T> a, Vec<T> b) {
+  return a < b ? a : b;
+}
+
+// exp(x) for every lane: x = n*ln2 + r with |r| <= ln2/2, exp(r) by its Taylor polynomial (degree 7 for
+// float, 12 for double: truncation below half an ulp), then scaled by 2^n through the exponent bits.
+// Inputs are clamped to the finite range first, so the result saturates (to ~0 or ~max) instead of
+// producing garbage; callers only use it where saturation is the right limit (sigmoid, tanh, softmax).
+template <typename T>
+FASTMNIST_INLINE Vec<T> vexp(Vec<T> x) {
+  constexpr bool is_float = sizeof(T) == 4;
+  constexpr T hi = is_float ? T(88.0) : T(709.0);
+  constexpr T lo = is_float ? T(-87.0) : T(-708.0);
+  constexpr T log2e = T(1.44269504088896341);
+  constexpr T ln2_hi = is_float ? T(0.693359375) : T(0.693147180369123816490);
+  constexpr T ln2_lo = is_float ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
+  x = vmin<T>(vmax<T>(x, broadcast<T>(lo)), broadcast<T>(hi));
+  Vec<T> n = x * log2e;
+  // round to nearest: add and subtract 1.5 * 2^mantissa_bits
+  constexpr T magic = is_float ? T(12582912.0) : T(6755399441055744.0);
+  n = (n + magic) - magic;
+  Vec<T> r = x - n * ln2_hi - n * ln2_lo;
+  constexpr int degree = is_float ? 7 : 12;
+  Vec<T> p = broadcast<T>(T(1));
+  // Horner on 1 + r(1 + r/2(1 + r/3(...)))
+  for (int k = degree; k >= 1; --k) p = p * (r * (T(1) / T(k))) + T(1);
+  using I = std::conditional_t<is_float, int32_t, int64_t>;
+  constexpr int mantissa = is_float ? 23 : 52;
+  constexpr I bias = is_float ? 127 : 1023;
+  IntVec<T> e = (__builtin_convertvector(n, IntVec<T>) + bias) << mantissa;
+  Vec<T> scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace fastmnist::cpu
+
+namespace fastmnist::cpu {
+
+// run_kernel<K>(args...) calls K::run(args...), an always-inline static function, compiled for AVX2+FMA when
+// the CPU has it (and the path is not forced to portable), else compiled for baseline x86-64. Call it per
+// chunk of work inside at::parallel_for: the lambda given to parallel_for is compiled for the baseline.
+#if FASTMNIST_HAVE_AVX2_PATH
+template <typename K, typename... Args>
+FASTMNIST_TARGET_AVX2 void run_kernel_avx2(Args... args) {
+  K::run(args...);
+}
+#endif
+template <typename K, typename... Args>
+void run_kernel_portable(Args... args) {
+  K::run(args...);
+}
+template <typename K, typename... Args>
+inline void run_kernel(Args... args) {
+#if FASTMNIST_HAVE_AVX2_PATH
+  if (use_avx2()) return run_kernel_avx2<K>(args...);
+#endif
+  run_kernel_portable<K>(args...);
+}
+
+}  // namespace fastmnist::cpu

@@ -1,0 +1,40 @@
+// Every fastmnist op schema, in one place. Kernels register per device with TORCH_LIBRARY_IMPL in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and fake (shape) kernels are registered from Python in
+// fastmnist/ops/. Backward kernels are ops of their own, so that torch.compile can trace them.
+//
+// Conventions: `output_mask` says which gradients the caller needs; a gradient that is not needed comes back
+// as an empty tensor and is never computed. Activation names are strings ("identity", "relu", "leaky_relu",
+// "sigmoid", "tanh"), checked by the kernels.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/simd.h"
+
+// The extension is a Python module only so that `import fastmnist._C` loads the library; it holds no Python
+// objects. Everything is reached through torch.ops.fastmnist.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fastmnist, m) {
+  // ---- linear + activation (csrc/cpu/linear_act.cpp) ----
+  // out = activation(x @ weight.T + bias); x: (M, K) contiguous rows, weight: (N, K), bias: (N,).
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, str activation, float negative_slope) -> Tensor");
+  // Gradients of linear_act from its output `out` (the activation derivative is a function of the output).
+  // Returns (grad_x, grad_weight, grad_bias).
+  m.def(
+      "linear_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, str activation, "
+      "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- losses (csrc/cpu/cross_entropy.cpp) ----
+
+  // ---- LeNet block (csrc/cpu/conv_act_pool.cpp) ----
+
+  // ---- CPU code path selection, for tests of the vectorised and portable kernels ----
+  // "auto" (AVX2+FMA when the CPU has it), "avx2" or "portable". Returns the path now in use.
+  m.def("set_cpu_path(str path) -> str", [](c10::string_view path) {
+    return fastmnist::cpu::set_cpu_path(std::string(path));
+  });
+}

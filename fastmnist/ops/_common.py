@@ -1,0 +1,37 @@
+"""Helpers shared by the op wrappers."""
+
+import numbers
+
+import torch
+
+from .. import _lib
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_devices(op, *tensors):
+    """Calling an op on CUDA tensors from a build without CUDA gets a clear message, not a dispatcher dump."""
+    _lib.require_library()
+    if not _lib.WITH_CUDA:
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                raise RuntimeError(
+                    f"{op}: got a CUDA tensor, but fastmnist was built without CUDA kernels; rebuild with a CUDA "
+                    "torch and nvcc (pip install --no-build-isolation .)"
+                )
+
+
+def empty_if_unneeded(needed, tensor):
+    """The backward ops return an empty tensor for a gradient that was not requested; autograd wants None."""
+    return tensor if needed else None

@@ -1,0 +1,106 @@
+"""Build script for fastmnist's compiled extension.
+
+The C++ (CPU) kernels are always built. The CUDA kernels are built when the installed torch has CUDA and nvcc
+is found, or when FASTMNIST_FORCE_CUDA=1 (for example to compile-check them on a machine with no GPU);
+FASTMNIST_FORCE_CUDA=0 turns them off. The build prints what it decided and why.
+
+The extension links against the torch it is compiled with, so it must be the torch that will run it:
+install with `pip install --no-build-isolation .` (pip's isolated build environment would bring its own torch).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "fastmnist: torch is not importable by this build. fastmnist compiles against the torch you run it "
+        "with, so pip's isolated build environment (which would bring a different torch) is refused.\n"
+        "Install torch first, then: pip install --no-build-isolation .   (or -e . for development)"
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = "fastmnist"
+
+
+def log(message):
+    print(f"fastmnist build: {message}", file=sys.stderr, flush=True)
+
+
+def want_cuda():
+    """Decide whether to compile the CUDA kernels, and say why."""
+    forced = os.environ.get("FASTMNIST_FORCE_CUDA")
+    if forced == "0":
+        return False, "FASTMNIST_FORCE_CUDA=0"
+    if cpp_extension.CUDA_HOME is None:
+        if forced == "1":
+            sys.exit("fastmnist build: FASTMNIST_FORCE_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+        return False, "no CUDA toolkit (nvcc) found"
+    if forced == "1":
+        return True, f"FASTMNIST_FORCE_CUDA=1, nvcc in {cpp_extension.CUDA_HOME}"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build (set FASTMNIST_FORCE_CUDA=1 to compile anyway)"
+    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is in {cpp_extension.CUDA_HOME}"
+
+
+def write_build_info(with_cuda):
+    """Record the torch this extension is compiled against; fastmnist checks it at import."""
+    path = os.path.join(HERE, PACKAGE, "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+
+
+def extensions():
+    with_cuda, why = want_cuda()
+    log(f"CUDA kernels {'ON' if with_cuda else 'OFF'} ({why})")
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # cpp_extension would query the visible GPU; with none it fails, so give a sensible default list.
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            log("TORCH_CUDA_ARCH_LIST unset and no GPU visible: building for 8.0;9.0")
+    debug = os.environ.get("FASTMNIST_DEBUG") == "1"
+    sanitize = os.environ.get("FASTMNIST_SANITIZE") == "1"
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
+    link_flags = ["-fopenmp"]
+    if debug or sanitize:
+        cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer"]
+    if sanitize:
+        cxx_flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        link_flags += ["-fsanitize=address,undefined"]
+    log(f"C++ flags: {' '.join(cxx_flags)}")
+    write_build_info(with_cuda)
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    extra_compile_args = {"cxx": cxx_flags}
+    define_macros = []
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        define_macros.append(("FASTMNIST_WITH_CUDA", None))
+        extension = cpp_extension.CUDAExtension
+    else:
+        extension = cpp_extension.CppExtension
+    return [
+        extension(
+            f"{PACKAGE}._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args=extra_compile_args,
+            extra_link_args=link_flags,
+            define_macros=define_macros,
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,28 @@
+"""Shared test helpers: tolerances that travel with the dtype, and input makers."""
+
+import torch
+
+# Tolerances against the eager reference. float32: the fused kernels reassociate sums and use their own
+# exp, so allow a few ulps of the larger values; float64: rounding only.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+}
+
+
+def assert_close(actual, expected, dtype=None, **overrides):
+    """torch.testing.assert_close with the dtype's tolerances; it reports how many elements mismatch, where."""
+    tol = dict(TOLERANCES[dtype or expected.dtype])
+    tol.update(overrides)
+    torch.testing.assert_close(actual, expected, **tol)
+
+
+def noncontiguous(t):
+    """The same values as `t` in a non-contiguous tensor (every other element of a twice-as-wide buffer)."""
+    if t.dim() == 0:
+        return t.clone()
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    view = wide[..., ::2]
+    view.copy_(t)
+    assert not view.is_contiguous() or t.shape[-1] <= 1
+    return view
