@@ -1,0 +1,23 @@
+"""Plain-PyTorch references for every fused op: the ground truth of the tests and the baselines of the
+benchmarks."""
+
+import torch
+import torch.nn.functional as F
+
+
+def activation_reference(z, activation, negative_slope=0.01):
+    if activation == "identity":
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def linear_act_reference(x, weight, bias=None, activation="relu", negative_slope=0.01):
+    return activation_reference(F.linear(x, weight, bias), activation, negative_slope)
