@@ -18,6 +18,7 @@
 #include "activation.h"
 #include "checks.h"
 #include "cpu/activation_vec.h"
+#include "cpu/linear_act.h"
 
 namespace fastmnist {
 namespace {
@@ -132,25 +133,13 @@ void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& we
               " but weight has shape ", weight.sizes(), " (out_features, in_features = ", weight.size(1), ")");
 }
 
-at::Tensor linear_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_negative_slope(negative_slope);
-  check_linear_args(kOp, x, weight);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_same_dtype_device(kOp, "bias", *bias, "x", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": bias must have shape (",
-                weight.size(0), ",) to match weight, got ", bias->sizes());
-  }
-  const int64_t k = weight.size(1), n = weight.size(0);
-  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
-  const int64_t m = x2d.size(0);
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({m, n}, x.options());
+}  // namespace
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_act_cpu", [&] {
+void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& b,
+                             Activation act, double negative_slope) {
+  const int64_t m = x2d.size(0), k = x2d.size(1), n = w.size(0);
+  const bool has_bias = b.defined();
+  AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "linear_act_cpu", [&] {
     const scalar_t slope = static_cast<scalar_t>(negative_slope);
     const scalar_t* bias_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
@@ -173,6 +162,59 @@ at::Tensor linear_act_cpu(const at::Tensor& x, const at::Tensor& weight, const s
       }
     });
   });
+}
+
+void linear_act_grad_pre_into(at::Tensor& gz, at::Tensor& grad_bias, const at::Tensor& g, const at::Tensor& y,
+                              Activation act, double negative_slope) {
+  const int64_t m = y.size(0), n = y.size(1);
+  const bool write_gz = gz.defined() && act != Activation::Identity;
+  const bool need_bias = grad_bias.defined();
+  if (!write_gz && !need_bias) return;
+  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
+  at::Tensor partials = need_bias ? at::empty({chunks, n}, y.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "linear_act_backward_cpu", [&] {
+    const scalar_t slope = static_cast<scalar_t>(negative_slope);
+    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+    const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
+    scalar_t* gz_ptr = write_gz ? gz.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* partial_ptr = need_bias ? partials.mutable_data_ptr<scalar_t>() : nullptr;
+    cpu::with_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          cpu::run_kernel<ActGradRows<scalar_t, A>>(g_ptr, y_ptr, gz_ptr, partial_ptr ? partial_ptr + c * n : nullptr,
+                                                    c * kRowChunk, std::min(m, (c + 1) * kRowChunk), n, slope);
+        }
+      });
+    });
+    if (need_bias) {
+      // chunk partials added in chunk order
+      scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+      std::fill(gb, gb + n, scalar_t(0));
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t j = 0; j < n; ++j) gb[j] += partial_ptr[c * n + j];
+    }
+  });
+}
+
+namespace {
+
+at::Tensor linear_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          c10::string_view activation, double negative_slope) {
+  const Activation act = parse_activation(activation);
+  check_negative_slope(negative_slope);
+  check_linear_args(kOp, x, weight);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_same_dtype_device(kOp, "bias", *bias, "x", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": bias must have shape (",
+                weight.size(0), ",) to match weight, got ", bias->sizes());
+  }
+  const int64_t k = weight.size(1), n = weight.size(0);
+  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
+  at::Tensor y = at::empty({x2d.size(0), n}, x.options());
+  linear_act_forward_into(y, x2d, weight.contiguous(), has_bias ? bias->contiguous() : at::Tensor(), act,
+                          negative_slope);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return y.view(out_shape);
@@ -188,45 +230,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   check_same_dtype_device(op, "grad_out", grad_out, "x", x);
   check_same_dtype_device(op, "out", out, "x", x);
   const int64_t k = weight.size(1), n = weight.size(0);
-  TORCH_CHECK(out.sizes() == grad_out.sizes() && out.size(-1) == n && out.numel() / n == x.numel() / std::max<int64_t>(k, 1),
-              op, ": grad_out ", grad_out.sizes(), " and out ", out.sizes(), " must both have the shape of the forward output");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  TORCH_CHECK(out.sizes() == grad_out.sizes() && out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out ",
+              grad_out.sizes(), " and out ", out.sizes(), " must both have the forward output's shape ", out_shape);
   const at::Tensor y = out.reshape({-1, n}).contiguous();
   const at::Tensor g = grad_out.reshape({-1, n}).contiguous();
-  const int64_t m = y.size(0);
   const bool need_input_grads = output_mask[0] || output_mask[1];
   const bool need_bias = output_mask[2];
 
   // g_z = g * f'(y); for the identity, g_z is g itself.
   at::Tensor gz = act == Activation::Identity ? g : (need_input_grads ? at::empty_like(g) : at::Tensor());
-  at::Tensor grad_bias = need_bias ? at::empty({n}, x.options()) : at::empty({0}, x.options());
-  if (need_bias || (need_input_grads && act != Activation::Identity)) {
-    const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
-    at::Tensor partials = need_bias ? at::empty({chunks, n}, x.options()) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_act_backward_cpu", [&] {
-      const scalar_t slope = static_cast<scalar_t>(negative_slope);
-      const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
-      const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
-      scalar_t* gz_ptr = (act != Activation::Identity && gz.defined()) ? gz.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* partial_ptr = need_bias ? partials.mutable_data_ptr<scalar_t>() : nullptr;
-      cpu::with_activation(act, [&](auto a) {
-        constexpr Activation A = decltype(a)::value;
-        at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
-            cpu::run_kernel<ActGradRows<scalar_t, A>>(g_ptr, y_ptr, gz_ptr,
-                                                      partial_ptr ? partial_ptr + c * n : nullptr, c * kRowChunk,
-                                                      std::min(m, (c + 1) * kRowChunk), n, slope);
-          }
-        });
-      });
-      if (need_bias) {
-        // chunk partials added in chunk order
-        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-        std::fill(gb, gb + n, scalar_t(0));
-        for (int64_t c = 0; c < chunks; ++c)
-          for (int64_t j = 0; j < n; ++j) gb[j] += partial_ptr[c * n + j];
-      }
-    });
-  }
+  at::Tensor grad_bias = need_bias ? at::empty({n}, x.options()) : at::Tensor();
+  linear_act_grad_pre_into(gz, grad_bias, g, y, act, negative_slope);
+  if (!need_bias) grad_bias = at::empty({0}, x.options());
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_w = at::empty({0}, x.options());
   if (output_mask[0]) grad_x = at::mm(gz, weight).view(x.sizes());
