@@ -1,0 +1,471 @@
+// The fused training step: forward, loss, backward and optimizer update of a small sequential model in one
+// call, with no autograd engine and no per-step allocation.
+//
+// A FusedStep object (a TorchScript custom class, built by fastmnist/fused_step.py from a model, a loss and an
+// optimizer) holds the layer list, aliases of the model's parameter tensors (updated in place) and of the
+// optimizer's state tensors (torch.optim's own format, so fused and eager steps can be mixed). Activations and
+// gradients live in a workspace allocated once per batch size and reused.
+//
+// Per step:
+//   forward   a_i = layer_i(a_{i-1}), each layer writing into its workspace buffer; the layer outputs are
+//             what backward needs (linear: the output gives the activation derivative; layer norm also keeps
+//             the per-row mean and 1/std)
+//   loss      value and d loss / d logits in one pass over the logits
+//   backward  from the last layer to the first: the gradient w.r.t. the layer input is computed (only when an
+//             earlier layer has parameters) BEFORE that layer's parameters are updated, then the parameter
+//             gradients and the optimizer update follow in one pass per parameter
+// The update formulas are torch.optim's (SGD with momentum/dampening/nesterov/weight decay; Adam and AdamW),
+// evaluated in the same order, so the numbers match an eager step to rounding.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <map>
+
+#include "activation.h"
+#include "checks.h"
+#include "cpu/linear_act.h"
+
+namespace fastmnist {
+namespace {
+
+enum class LayerKind { Linear, Flatten, LayerNorm };
+enum class LossKind { CrossEntropy, SigmoidBCE, SigmoidMSE };
+enum class OptimizerKind { None, SGD, Adam };
+
+struct Layer {
+  LayerKind kind;
+  at::Tensor weight, bias;  // aliases of the model's parameters (may be undefined)
+  Activation activation = Activation::Identity;
+  double negative_slope = 0;
+  double eps = 0;
+};
+
+// Buffers for one batch size.
+struct Workspace {
+  std::vector<at::Tensor> outputs;      // a_i, the output of layer i
+  std::vector<at::Tensor> grads;        // d loss / d a_i
+  std::vector<at::Tensor> row_stats;    // layer norm: (2, rows) mean and 1/std; else undefined
+  std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
+};
+
+constexpr int64_t kGrain = 16384;  // elements per task in the element-wise passes
+
+template <typename T>
+T sigmoid(T z) {
+  return T(1) / (T(1) + std::exp(-z));
+}
+
+class FusedStep : public torch::CustomClassHolder {
+ public:
+  void add_linear(at::Tensor weight, std::optional<at::Tensor> bias, std::string activation, double slope) {
+    Layer layer{LayerKind::Linear, weight, bias.value_or(at::Tensor())};
+    layer.activation = parse_activation(activation);
+    check_negative_slope(slope);
+    layer.negative_slope = slope;
+    add_layer(std::move(layer));
+  }
+  void add_flatten() { add_layer(Layer{LayerKind::Flatten}); }
+  void add_layer_norm(at::Tensor weight, at::Tensor bias, double eps) {
+    Layer layer{LayerKind::LayerNorm, weight, bias};
+    layer.eps = eps;
+    add_layer(std::move(layer));
+  }
+
+  void set_loss(std::string kind) {
+    if (kind == "cross_entropy") loss_ = LossKind::CrossEntropy;
+    else if (kind == "sigmoid_bce") loss_ = LossKind::SigmoidBCE;
+    else if (kind == "sigmoid_mse") loss_ = LossKind::SigmoidMSE;
+    else TORCH_CHECK(false, "FusedStep: unknown loss '", kind, "'");
+  }
+
+  void set_sgd(double momentum, double dampening, bool nesterov, double weight_decay) {
+    optimizer_ = OptimizerKind::SGD;
+    momentum_ = momentum, dampening_ = dampening, nesterov_ = nesterov, weight_decay_ = weight_decay;
+  }
+  void set_adam(double beta1, double beta2, double eps, double weight_decay, bool decoupled) {
+    optimizer_ = OptimizerKind::Adam;
+    beta1_ = beta1, beta2_ = beta2, adam_eps_ = eps, weight_decay_ = weight_decay, decoupled_ = decoupled;
+  }
+
+  // The optimizer state, in parameter order: SGD with momentum: one momentum buffer per parameter;
+  // Adam: (step, exp_avg, exp_avg_sq) per parameter. `fresh` marks SGD momentum buffers that the next step
+  // initialises (torch.optim sets the buffer to the first gradient).
+  void set_state(std::vector<at::Tensor> state, bool fresh) {
+    const size_t per_param = optimizer_ == OptimizerKind::Adam ? 3 : (momentum_ != 0 ? 1 : 0);
+    TORCH_CHECK(state.size() == per_param * params_.size(), "FusedStep: expected ", per_param * params_.size(),
+                " optimizer state tensors, got ", state.size());
+    state_ = std::move(state);
+    fresh_momentum_ = fresh;
+  }
+
+  at::Tensor logits() const { return logits_; }
+
+  // One training step on the batch (x, target) with learning rate lr; returns the loss.
+  double step(at::Tensor x, at::Tensor target, double lr) {
+    TORCH_CHECK(optimizer_ != OptimizerKind::None, "FusedStep: no optimizer set");
+    TORCH_CHECK(!layers_.empty(), "FusedStep: no layers");
+    TORCH_CHECK(x.scalar_type() == dtype_, "fused_step: x must have the model's dtype ", dtype_, ", got ",
+                x.scalar_type());
+    TORCH_CHECK(x.device().is_cpu(), "fused_step: x must be on the CPU, got ", x.device());
+    TORCH_CHECK(x.dim() >= 2, "fused_step: x must be a batch (N, ...), got shape ", x.sizes());
+    const at::Tensor input = x.contiguous();
+    Workspace& ws = workspace_for(input);
+    forward(input, ws);
+    const at::Tensor& out = ws.outputs.back();
+    TORCH_CHECK(out.dim() == 2, "fused_step: the model must end in (N, classes) logits, got ", out.sizes());
+    logits_ = out;
+    const double loss = loss_and_grad(out, target, ws.grads.back());
+    backward(input, lr, ws);
+    fresh_momentum_ = false;
+    return loss;
+  }
+
+ private:
+  void add_layer(Layer layer) {
+    for (const at::Tensor* p : {&layer.weight, &layer.bias}) {
+      if (!p->defined()) continue;
+      check_float_tensor("fused_step", "parameter", *p);
+      TORCH_CHECK(p->device().is_cpu(), "fused_step: the CPU fused step needs CPU parameters, got ", p->device());
+      TORCH_CHECK(p->is_contiguous(), "fused_step: parameters must be contiguous");
+      if (params_.empty()) dtype_ = p->scalar_type();
+      TORCH_CHECK(p->scalar_type() == dtype_, "fused_step: all parameters must have one dtype");
+      params_.push_back(*p);
+    }
+    layers_.push_back(std::move(layer));
+    workspaces_.clear();
+  }
+
+  Workspace& workspace_for(const at::Tensor& x) {
+    auto found = workspaces_.find(x.sizes().vec());
+    if (found != workspaces_.end()) return found->second;
+    Workspace ws;
+    const auto options = x.options();
+    const int64_t rows = x.size(0);
+    at::Tensor a = x;
+    for (const Layer& layer : layers_) {
+      at::Tensor out, stats;
+      switch (layer.kind) {
+        case LayerKind::Linear:
+          TORCH_CHECK(a.size(-1) == layer.weight.size(1), "fused_step: a linear layer expects ", layer.weight.size(1),
+                      " input features, got input of shape ", a.sizes());
+          out = at::empty({rows, layer.weight.size(0)}, options);
+          break;
+        case LayerKind::Flatten:
+          out = at::empty({rows, a.numel() / std::max<int64_t>(rows, 1)}, options);
+          break;
+        case LayerKind::LayerNorm:
+          TORCH_CHECK(a.dim() == 2 && a.size(1) == layer.weight.numel(), "fused_step: layer norm over ",
+                      layer.weight.numel(), " features got input of shape ", a.sizes());
+          out = at::empty_like(a);
+          stats = at::empty({2, rows}, options);
+          break;
+      }
+      ws.outputs.push_back(out);
+      ws.grads.push_back(at::empty_like(out));
+      ws.row_stats.push_back(stats);
+      a = out;
+    }
+    for (const at::Tensor& p : params_) ws.param_grads.push_back(at::empty_like(p));
+    return workspaces_.emplace(x.sizes().vec(), std::move(ws)).first->second;
+  }
+
+  void forward(const at::Tensor& x, Workspace& ws) {
+    at::Tensor a = x;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& layer = layers_[i];
+      at::Tensor& out = ws.outputs[i];
+      switch (layer.kind) {
+        case LayerKind::Linear:
+          linear_act_forward_into(out, a.view({a.size(0), -1}), layer.weight, layer.bias, layer.activation,
+                                  layer.negative_slope);
+          break;
+        case LayerKind::Flatten:
+          out.copy_(a.view(out.sizes()));
+          break;
+        case LayerKind::LayerNorm:
+          layer_norm_forward(a, layer, out, ws.row_stats[i]);
+          break;
+      }
+      a = out;
+    }
+  }
+
+  // Layer norm over the last dimension: y = (x - mean) / sqrt(var + eps) * gamma + beta, biased variance, as
+  // torch. Keeps mean and 1/std per row for backward.
+  static void layer_norm_forward(const at::Tensor& x, const Layer& layer, at::Tensor& y, at::Tensor& stats) {
+    const int64_t rows = x.size(0), d = x.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step_layer_norm", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* gamma = layer.weight.const_data_ptr<scalar_t>();
+      const scalar_t* beta = layer.bias.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      scalar_t* mean = stats.mutable_data_ptr<scalar_t>();
+      scalar_t* rstd = mean + rows;
+      at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = xp + r * d;
+          double sum = 0, sq = 0;
+          for (int64_t j = 0; j < d; ++j) sum += row[j];
+          const double mu = sum / d;
+          for (int64_t j = 0; j < d; ++j) sq += (row[j] - mu) * (row[j] - mu);
+          const double inv = 1.0 / std::sqrt(sq / d + layer.eps);
+          mean[r] = static_cast<scalar_t>(mu);
+          rstd[r] = static_cast<scalar_t>(inv);
+          for (int64_t j = 0; j < d; ++j)
+            yp[r * d + j] = static_cast<scalar_t>((row[j] - mu) * inv) * gamma[j] + beta[j];
+        }
+      });
+    });
+  }
+
+  // Loss value (mean reduction) and its gradient w.r.t. the logits z (rows, classes), written into grad.
+  double loss_and_grad(const at::Tensor& z, const at::Tensor& target, at::Tensor& grad) {
+    const int64_t rows = z.size(0), classes = z.size(1);
+    double total = 0;
+    if (loss_ == LossKind::CrossEntropy) {
+      TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows,
+                  "fused_step: cross-entropy needs int64 class indices of shape (", rows, ",), got ",
+                  target.scalar_type(), " ", target.sizes());
+      const at::Tensor t = target.contiguous();
+      const int64_t* tp = t.const_data_ptr<int64_t>();
+      int64_t kept = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (tp[r] == kIgnoreIndex) continue;
+        TORCH_CHECK(tp[r] >= 0 && tp[r] < classes, "fused_step: target ", tp[r], " is out of bounds for ", classes,
+                    " classes");
+        ++kept;
+      }
+      AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_step_cross_entropy", [&] {
+        const scalar_t* zp = z.const_data_ptr<scalar_t>();
+        scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+        // mean over kept rows; 0/0 = NaN for an all-ignored batch, as eager
+        const scalar_t scale = scalar_t(1) / static_cast<scalar_t>(kept);
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* row = zp + r * classes;
+          scalar_t* g = gp + r * classes;
+          if (tp[r] == kIgnoreIndex) {
+            std::fill(g, g + classes, scalar_t(0));
+            continue;
+          }
+          // log-sum-exp around the row max: every exp(z - max) <= 1, so no overflow
+          scalar_t mx = row[0];
+          for (int64_t c = 1; c < classes; ++c) mx = std::max(mx, row[c]);
+          scalar_t sum = 0;
+          for (int64_t c = 0; c < classes; ++c) sum += std::exp(row[c] - mx);
+          const scalar_t lse = mx + std::log(sum);
+          total += static_cast<double>(lse - row[tp[r]]);
+          for (int64_t c = 0; c < classes; ++c) g[c] = std::exp(row[c] - lse) * scale;
+          g[tp[r]] -= scale;
+        }
+        total /= static_cast<double>(kept);
+      });
+      return total;
+    }
+    TORCH_CHECK(target.sizes() == z.sizes() && target.scalar_type() == z.scalar_type(),
+                "fused_step: this loss needs float targets of the logits' shape ", z.sizes(), " and dtype ",
+                z.scalar_type(), ", got ", target.scalar_type(), " ", target.sizes());
+    const at::Tensor t = target.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_step_sigmoid_loss", [&] {
+      const scalar_t* zp = z.const_data_ptr<scalar_t>();
+      const scalar_t* tp = t.const_data_ptr<scalar_t>();
+      scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+      const int64_t n = z.numel();
+      const scalar_t scale = scalar_t(1) / static_cast<scalar_t>(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t s = sigmoid(zp[i]);
+        if (loss_ == LossKind::SigmoidBCE) {
+          // max(z, 0) - z t + log(1 + e^{-|z|}): no overflow for any z
+          total += static_cast<double>(std::max(zp[i], scalar_t(0)) - zp[i] * tp[i] +
+                                       std::log1p(std::exp(-std::abs(zp[i]))));
+          gp[i] = (s - tp[i]) * scale;
+        } else {
+          const scalar_t diff = s - tp[i];
+          total += static_cast<double>(diff * diff);
+          gp[i] = scalar_t(2) * diff * s * (scalar_t(1) - s) * scale;
+        }
+      }
+      total /= static_cast<double>(n);
+    });
+    return total;
+  }
+
+  void backward(const at::Tensor& x, double lr, Workspace& ws) {
+    // index of the first parameter of each layer, and whether any layer before i has parameters
+    std::vector<size_t> first_param(layers_.size());
+    size_t p = 0;
+    int64_t first_with_params = -1;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      first_param[i] = p;
+      const size_t count = layers_[i].weight.defined() + layers_[i].bias.defined();
+      if (count > 0 && first_with_params < 0) first_with_params = static_cast<int64_t>(i);
+      p += count;
+    }
+    for (int64_t i = static_cast<int64_t>(layers_.size()) - 1; i >= 0; --i) {
+      if (i < first_with_params) break;  // nothing below needs a gradient
+      const Layer& layer = layers_[i];
+      const at::Tensor& in = i > 0 ? ws.outputs[i - 1] : x;
+      at::Tensor& g = ws.grads[i];
+      const bool need_input_grad = i > first_with_params;
+      at::Tensor grad_in = i > 0 ? ws.grads[i - 1] : at::Tensor();
+      const size_t pw = first_param[i];
+      switch (layer.kind) {
+        case LayerKind::Linear: {
+          at::Tensor grad_bias = layer.bias.defined() ? ws.param_grads[pw + 1] : at::Tensor();
+          linear_act_grad_pre_into(g, grad_bias, g, ws.outputs[i], layer.activation, layer.negative_slope);
+          const at::Tensor in2d = in.view({in.size(0), -1});
+          if (need_input_grad) {
+            at::Tensor grad_in2d = grad_in.view({in.size(0), -1});
+            at::mm_out(grad_in2d, g, layer.weight);
+          }
+          at::mm_out(ws.param_grads[pw], g.t(), in2d);
+          update(pw, ws.param_grads[pw], lr);
+          if (layer.bias.defined()) update(pw + 1, grad_bias, lr);
+          break;
+        }
+        case LayerKind::Flatten:
+          if (need_input_grad) grad_in.copy_(g.view(grad_in.sizes()));
+          break;
+        case LayerKind::LayerNorm:
+          layer_norm_backward(in, layer, ws.outputs[i], ws.row_stats[i], g, need_input_grad ? grad_in : at::Tensor(),
+                              ws.param_grads[pw], ws.param_grads[pw + 1]);
+          update(pw, ws.param_grads[pw], lr);
+          update(pw + 1, ws.param_grads[pw + 1], lr);
+          break;
+      }
+    }
+  }
+
+  // d gamma = sum_r g * xhat, d beta = sum_r g (rows added in order), and
+  // dx = rstd * (g*gamma - mean(g*gamma) - xhat * mean(g*gamma*xhat)) per row.
+  static void layer_norm_backward(const at::Tensor& x, const Layer& layer, const at::Tensor& y,
+                                  const at::Tensor& stats, const at::Tensor& g, at::Tensor grad_x,
+                                  at::Tensor& grad_gamma, at::Tensor& grad_beta) {
+    const int64_t rows = x.size(0), d = x.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step_layer_norm_backward", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      const scalar_t* gamma = layer.weight.const_data_ptr<scalar_t>();
+      const scalar_t* mean = stats.const_data_ptr<scalar_t>();
+      const scalar_t* rstd = mean + rows;
+      scalar_t* dgamma = grad_gamma.mutable_data_ptr<scalar_t>();
+      scalar_t* dbeta = grad_beta.mutable_data_ptr<scalar_t>();
+      std::fill(dgamma, dgamma + d, scalar_t(0));
+      std::fill(dbeta, dbeta + d, scalar_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < d; ++j) {
+          const scalar_t xhat = (xp[r * d + j] - mean[r]) * rstd[r];
+          dgamma[j] += gp[r * d + j] * xhat;
+          dbeta[j] += gp[r * d + j];
+        }
+      }
+      if (!grad_x.defined()) return;
+      scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          double sum_dxhat = 0, sum_dxhat_xhat = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            const double dxhat = gp[r * d + j] * gamma[j];
+            sum_dxhat += dxhat;
+            sum_dxhat_xhat += dxhat * (xp[r * d + j] - mean[r]) * rstd[r];
+          }
+          const double m1 = sum_dxhat / d, m2 = sum_dxhat_xhat / d;
+          for (int64_t j = 0; j < d; ++j) {
+            const double xhat = (xp[r * d + j] - mean[r]) * rstd[r];
+            dx[r * d + j] = static_cast<scalar_t>(rstd[r] * (gp[r * d + j] * gamma[j] - m1 - xhat * m2));
+          }
+        }
+      });
+    });
+  }
+
+  // The optimizer update of parameter `index` with gradient `grad`, in torch.optim's order of operations.
+  void update(size_t index, const at::Tensor& grad, double lr) {
+    at::Tensor& param = params_[index];
+    AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_step_update", [&] {
+      using T = scalar_t;
+      T* p = param.mutable_data_ptr<T>();
+      const T* g = grad.const_data_ptr<T>();
+      const int64_t n = param.numel();
+      const T wd = static_cast<T>(weight_decay_);
+      if (optimizer_ == OptimizerKind::SGD) {
+        const T momentum = static_cast<T>(momentum_), damp = static_cast<T>(1 - dampening_);
+        const T step = static_cast<T>(lr);
+        T* buf = momentum_ != 0 ? state_[index].mutable_data_ptr<T>() : nullptr;
+        const bool fresh = fresh_momentum_;
+        at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            T d = wd != T(0) ? g[i] + p[i] * wd : g[i];
+            if (buf != nullptr) {
+              buf[i] = fresh ? d : buf[i] * momentum + d * damp;
+              d = nesterov_ ? d + buf[i] * momentum : buf[i];
+            }
+            p[i] -= d * step;
+          }
+        });
+        return;
+      }
+      // Adam / AdamW
+      at::Tensor& step_count = state_[3 * index];
+      step_count.add_(1);
+      const double t = step_count.item<double>();
+      const T b1 = static_cast<T>(beta1_), b2 = static_cast<T>(beta2_);
+      const T one_minus_b1 = static_cast<T>(1 - beta1_), one_minus_b2 = static_cast<T>(1 - beta2_);
+      const T step_size = static_cast<T>(lr / (1 - std::pow(beta1_, t)));
+      const T bias_correction2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(beta2_, t)));
+      const T eps = static_cast<T>(adam_eps_);
+      const T decay = static_cast<T>(1 - lr * weight_decay_);
+      T* m = state_[3 * index + 1].mutable_data_ptr<T>();
+      T* v = state_[3 * index + 2].mutable_data_ptr<T>();
+      const bool decoupled = decoupled_;
+      at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          T d = g[i];
+          if (wd != T(0)) {
+            if (decoupled) p[i] *= decay;
+            else d += p[i] * wd;
+          }
+          m[i] += one_minus_b1 * (d - m[i]);  // lerp(m, d, 1 - beta1) for 1 - beta1 < 0.5, as ATen computes it
+          v[i] = v[i] * b2 + one_minus_b2 * d * d;
+          const T denom = std::sqrt(v[i]) / bias_correction2_sqrt + eps;
+          p[i] += -step_size * (m[i] / denom);
+        }
+      });
+      (void)b1;
+    });
+  }
+
+  static constexpr int64_t kIgnoreIndex = -100;
+
+  std::vector<Layer> layers_;
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> state_;
+  at::ScalarType dtype_ = at::kFloat;
+  LossKind loss_ = LossKind::CrossEntropy;
+  OptimizerKind optimizer_ = OptimizerKind::None;
+  double momentum_ = 0, dampening_ = 0, weight_decay_ = 0, beta1_ = 0.9, beta2_ = 0.999, adam_eps_ = 1e-8;
+  bool nesterov_ = false, decoupled_ = false, fresh_momentum_ = false;
+  std::map<std::vector<int64_t>, Workspace> workspaces_;
+  at::Tensor logits_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastmnist, m) {
+  m.class_<FusedStep>("FusedStep")
+      .def(torch::init<>())
+      .def("add_linear", &FusedStep::add_linear)
+      .def("add_flatten", &FusedStep::add_flatten)
+      .def("add_layer_norm", &FusedStep::add_layer_norm)
+      .def("set_loss", &FusedStep::set_loss)
+      .def("set_sgd", &FusedStep::set_sgd)
+      .def("set_adam", &FusedStep::set_adam)
+      .def("set_state", &FusedStep::set_state)
+      .def("logits", &FusedStep::logits)
+      .def("step", &FusedStep::step);
+}
+
+}  // namespace fastmnist
