@@ -29,7 +29,7 @@ def read_image(path, invert=None):
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(img, dtype=np.float64)
         peak = array.max()
-        img = Image.fromarray((array * (255.0 / peak if peak > 0 else 0.0)).clip(0, 255).astype(np.uint8))
+        img = Image.fromarray(np.rint(array * (255.0 / peak if peak > 0 else 0.0)).clip(0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
