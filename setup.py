@@ -12,7 +12,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 try:
     import torch
@@ -100,7 +100,7 @@ def extensions():
 
 
 setup(
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    packages=find_namespace_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
