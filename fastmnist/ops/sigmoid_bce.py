@@ -1,6 +1,8 @@
 """sigmoid_bce: the fused, stable sigmoid + binary cross-entropy (F.binary_cross_entropy_with_logits), with its
 autograd and fake kernels."""
 
+import math
+
 import torch
 
 from .. import _lib
@@ -13,14 +15,18 @@ def _per_class(op, name, t, shape):
     full (rows, C); raises as eager does when it does not broadcast to the input's shape."""
     if t is None:
         return None
-    if torch.broadcast_shapes(t.shape, shape) != shape:
+    try:
+        fits = torch.broadcast_shapes(t.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise RuntimeError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast to the input shape {tuple(shape)}")
     c = shape[-1] if len(shape) > 0 else 1
     if t.numel() == 1:
         return t.reshape(1).expand(c)
     if t.dim() >= 1 and t.shape[-1] == c and t.numel() == c:
         return t.reshape(c)
-    return t.expand(shape).reshape(-1, c)
+    return t.expand(shape).reshape(math.prod(shape[:-1]), c)
 
 
 def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
@@ -42,7 +48,8 @@ def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
     c = shape[-1] if len(shape) > 0 else 1
     w = _per_class(op, "weight", weight, shape)
     pw = _per_class(op, "pos_weight", pos_weight, shape)
-    loss = torch.ops.fastmnist.sigmoid_bce(logits.reshape(-1, c), target.reshape(-1, c), w, pw, code)
+    rows = math.prod(shape[:-1])
+    loss = torch.ops.fastmnist.sigmoid_bce(logits.reshape(rows, c), target.reshape(rows, c), w, pw, code)
     return loss.view(shape) if code == 0 else loss
 
 
