@@ -7,7 +7,7 @@
 The step updates the model's own parameter tensors in place and keeps the optimizer's state in torch.optim's
 format (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``), so fused steps, eager steps,
 ``optimizer.state_dict()`` / ``load_state_dict()`` and learning-rate schedulers mix freely. It does not fill
-``param.grad``. Anything it cannot run exactly as eager PyTorch would raises FusionError naming the part.
+``param.grad`` and does not run the optimizer's step hooks. Anything it cannot run exactly as eager PyTorch would raises FusionError naming the part.
 """
 
 from __future__ import annotations
@@ -177,7 +177,11 @@ class FusedStep:
         group = self.optimizer.param_groups[0]
         self._sync_hyperparameters(group)
         self._sync_state(group)
-        return self._impl.step(x, target, float(group["lr"]))
+        loss = self._impl.step(x, target, float(group["lr"]))
+        # an optimizer step happened: tell a learning-rate scheduler (it checks this flag to warn about
+        # schedulers stepped before any optimizer step)
+        self.optimizer._opt_called = True
+        return loss
 
 
 def fused_step(model, loss_fn, optimizer):

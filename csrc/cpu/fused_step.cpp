@@ -53,7 +53,7 @@ struct Workspace {
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
 };
 
-constexpr int64_t kGrain = 16384;  // elements per task in the element-wise passes
+constexpr int64_t kGrain = 32768;  // elements per task in the element-wise passes (ATen's grain)
 
 template <typename T>
 T sigmoid(T z) {
