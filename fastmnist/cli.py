@@ -168,6 +168,7 @@ def _train_arguments(parser):
                         help="classifier only: hidden layer (default leaky_relu_layernorm)")
     parser.add_argument("--loss", choices=models.CLASSIFIER_LOSSES, help="classifier only: loss (default bce)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
 
 
 def _make_fused_step(model, loss_fn, optimizer):
@@ -200,7 +201,6 @@ def _write_metrics(out, history, summary):
 
 
 def cmd_train(args):
-    from . import plots
     from .train import fit
 
     name = args.model
@@ -257,14 +257,20 @@ def cmd_train(args):
         "metrics": metrics, "history": history.as_dicts(),
     })
     _write_metrics(out, history, summary)
-    title = f"{name} ({args.backend}) on {splits.train.name}"
+    if not args.no_plots:
+        _write_plots(out, history, x_test, y_test, classes, f"{name} ({args.backend}) on {splits.train.name}")
+    print(f"test accuracy {final.test_acc:.4f}; wrote {out}", flush=True)
+    return 0
+
+
+def _write_plots(out, history, x_test, y_test, classes, title):
+    from . import plots
+
     plots.plot_curves(history.epochs, os.path.join(out, "curves.png"), title=title)
     plots.plot_confusion(y_test, history.predictions, classes, os.path.join(out, "confusion.png"), title=title)
     plots.plot_image_grid(x_test[:GRID_IMAGES], y_test[:GRID_IMAGES], history.predictions[:GRID_IMAGES], classes,
                           os.path.join(out, "samples.png"),
                           title="test images: true (top) / predicted (bottom), wrong in red")
-    print(f"test accuracy {final.test_acc:.4f}; wrote {out}", flush=True)
-    return 0
 
 
 # ---- eval / predict -----------------------------------------------------------------------------------------
