@@ -28,7 +28,37 @@ TORCH_LIBRARY(fastmnist, m) {
       "linear_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, str activation, "
       "float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
-  // ---- losses (csrc/cpu/cross_entropy.cpp) ----
+  // ---- losses (csrc/cpu/cross_entropy.cpp, csrc/cpu/sigmoid_bce.cpp) ----
+  // Reductions are ints as in ATen: 0 none, 1 mean, 2 sum.
+  // Softmax cross-entropy of logits (rows, C) with class-index targets (rows,) int64 or probability targets
+  // (rows, C). Returns (loss: (rows,) for none else (), lse: (rows,) float64, saved for backward).
+  m.def(
+      "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+      "float label_smoothing) -> (Tensor, Tensor)");
+  // Returns (grad_logits, grad_target); grad_target only for probability targets.
+  m.def(
+      "softmax_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "int ignore_index, int reduction, float label_smoothing, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Classifier head: softmax cross-entropy of logits x @ weight.T + bias without storing them. x: (N, in),
+  // weight: (D * C, in), bias: (D * C,); each row of the GEMM output is D rows of C classes (targets (N * D,)
+  // or (N * D, C)). When grad_mask asks for gradients and the loss is reduced, they are computed for
+  // grad_output = 1 and returned; otherwise empty. Returns (loss, lse, grad_x, grad_weight, grad_bias).
+  m.def(
+      "linear_cross_entropy(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+      "int num_classes, int ignore_index, int reduction, float label_smoothing, bool[3] grad_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of linear_cross_entropy for any grad_loss, recomputing the logits chunk by chunk.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, Tensor lse, int num_classes, int ignore_index, int reduction, float label_smoothing, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Sigmoid + binary cross-entropy of logits (rows, C) against target (rows, C); weight and pos_weight are
+  // (C,) or (rows, C). Returns the loss ((rows, C) for none, else ()).
+  m.def("sigmoid_bce(Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  // Returns (grad_logits, grad_target).
+  m.def(
+      "sigmoid_bce_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction, bool[2] output_mask) -> (Tensor, Tensor)");
 
   // ---- LeNet block (csrc/cpu/conv_act_pool.cpp) ----
 

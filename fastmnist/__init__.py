@@ -1,10 +1,14 @@
 """fastmnist: fused C++/CUDA kernels for small vision models, as PyTorch custom ops.
 
-Ops (``fastmnist.linear_act`` ...) live in ``fastmnist.ops``; drop-in modules in ``fastmnist.nn``.
+Ops (``fastmnist.linear_act`` ...) live in ``fastmnist.ops``; drop-in modules in ``fastmnist.nn``; the five
+tutorial models in ``fastmnist.models``; data loading in ``fastmnist.data``; the fused training step is
+``fastmnist.fused_step``.
 """
 
 from . import _lib, nn, ops
-from .ops import linear_act
+from .fused_step import FusionError, fused_step
+from .ops import linear_act, linear_cross_entropy, sigmoid_bce, softmax_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["linear_act", "nn", "ops"]
+__all__ = ["FusionError", "fused_step", "linear_act", "linear_cross_entropy", "nn", "ops", "sigmoid_bce",
+           "softmax_cross_entropy"]

@@ -1,5 +1,7 @@
 """Drop-in modules: the constructor, defaults, initialisation and state_dict keys of their torch.nn twins."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,3 +29,59 @@ class FusedLinear(nn.Linear):
     def extra_repr(self) -> str:
         extra = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
         return f"{super().extra_repr()}, activation={self.activation}{extra}"
+
+
+class SoftmaxCrossEntropyLoss(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` (same constructor, defaults and state_dict) computed by the fused
+    ``softmax_cross_entropy``."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.softmax_cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                         reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class SigmoidBCELoss(nn.BCEWithLogitsLoss):
+    """``nn.BCEWithLogitsLoss`` (same constructor, defaults and state_dict) computed by the fused ``sigmoid_bce``."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.sigmoid_bce(input, target, weight=self.weight, pos_weight=self.pos_weight,
+                               reduction=self.reduction)
+
+
+class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+    """The classifier head: a ``Linear`` layer followed by softmax cross-entropy, fused by
+    ``linear_cross_entropy`` so that the logits are never stored.
+
+    The constructor, parameters (``linear.weight``, ``linear.bias``, stored flat as (C * prod(out_features),
+    in_features)), initialisation and state_dict of torch's ``nn.LinearCrossEntropyLoss`` (torch >= 2.13; this
+    module also works where torch lacks it). ``options`` (torch's chunking options) is accepted and ignored:
+    the fused op always works in chunks.
+    """
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None):
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.linear = nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                device=device, dtype=dtype)
+        self.options = options
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.linear.weight.reshape(self.num_classes, *self.out_features, self.linear.in_features)
+        bias = self.linear.bias
+        if bias is not None:
+            bias = bias.reshape(self.num_classes, *self.out_features)
+        return ops.linear_cross_entropy(input, weight, target, bias, weight=self.weight, reduction=self.reduction,
+                                        ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")

@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -112,6 +113,8 @@ class FusedStep : public torch::CustomClassHolder {
                 x.scalar_type());
     TORCH_CHECK(x.device().is_cpu(), "fused_step: x must be on the CPU, got ", x.device());
     TORCH_CHECK(x.dim() >= 2, "fused_step: x must be a batch (N, ...), got shape ", x.sizes());
+    // Plain kernels below the autograd layer: the step is its own backward.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor input = x.contiguous();
     Workspace& ws = workspace_for(input);
     forward(input, ws);
@@ -121,6 +124,9 @@ class FusedStep : public torch::CustomClassHolder {
     const double loss = loss_and_grad(out, target, ws.grads.back());
     backward(input, lr, ws);
     fresh_momentum_ = false;
+    // parameters and optimizer state changed in place: bump their version counters as an in-place op would
+    for (at::Tensor& p : params_) p.unsafeGetTensorImpl()->bump_version();
+    for (at::Tensor& s : state_) s.unsafeGetTensorImpl()->bump_version();
     return loss;
   }
 

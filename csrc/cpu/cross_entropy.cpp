@@ -1,0 +1,537 @@
+// Softmax cross-entropy on the CPU, and the classifier head (linear + softmax cross-entropy) built on it.
+//
+// Logits come as (rows, C) row-major (the Python wrapper moves the class dimension last). Targets are class
+// indices (rows,) or class probabilities (rows, C); class weights, ignore_index and label smoothing follow
+// F.cross_entropy. Every row's loss and gradient is written through its target distribution t:
+//   index targets:       t_c = (1 - eps) w_y [c == y] + (eps / C) w_c    (t = 0 for an ignored row)
+//   probability targets: t_c = w_c ((1 - eps) q_c + eps / C)
+//   loss = -sum_c t_c logp_c,   dloss/dx_c = p_c sum(t) - t_c,   logp = x - lse, p = exp(logp).
+//
+// Forward. One pass over each row keeps a running max and sum of exponentials per vector lane (rescaled when
+// the max grows), giving the row's log-sum-exp; the loss then needs x[y] only, or, with label smoothing or
+// probability targets, one more pass over the row while it is still in cache. Saved for backward: the
+// per-row log-sum-exp only, in float64 (rows x 8 bytes), so that x - lse is exact even for logits of 1e4.
+// Backward. One pass per row recomputes p from the logits and the saved lse and writes the gradient once,
+// already scaled by grad_output and the reduction's divisor.
+//
+// linear_cross_entropy: the rows are processed in chunks; each chunk's logits come from one GEMM (ATen) into a
+// chunk-sized buffer, the loss and the logit gradient are computed in place, and the chunk's contributions to
+// grad_x (rows of G @ W) and grad_W (+= G^T x), grad_b are made at once. The (N, C) logits never exist: the
+// buffer is chunk x C (about kChunkBytes) where eager keeps N x C logits and their log-softmax for backward.
+// With a reduced loss and gradients requested, the gradients for grad_output = 1 are computed during forward
+// (three GEMMs in all, as eager) and backward only scales them; with reduction "none" the per-row
+// grad_output is not known in forward, so backward recomputes each chunk's logits from x, W and the saved lse.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/loss_vec.h"
+
+#include <cmath>
+#include <limits>
+
+namespace fastmnist {
+namespace {
+
+using cpu::IntVec;
+using cpu::kWidth;
+using cpu::Vec;
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+constexpr int64_t kChunkBytes = int64_t(4) << 20;  // linear_cross_entropy: logits buffer per chunk
+
+// What one call of the row kernel reads and writes. Pointers that are not needed are null.
+template <typename T>
+struct CERows {
+  const T* x;          // (rows, C) logits
+  int64_t C;
+  const int64_t* y;    // class-index targets (rows,), or null
+  const T* q;          // probability targets (rows, C), or null
+  const T* w;          // class weights (C,), or null
+  int64_t ignore_index;
+  T eps;               // label smoothing
+  T w_sum;             // sum of the class weights (C without weights)
+  double* lse;         // per-row log-sum-exp: written, or read when lse_in
+  bool lse_in;
+  T* loss;             // per-row loss
+  T* grad;             // (rows, C) logit gradient; may alias x
+  const T* gscale;     // grad_output per row (stride gscale_stride; 0 for a scalar), times gmul
+  int64_t gscale_stride;
+  T gmul;
+  T* grad_q;           // gradient of the probability targets
+};
+
+// Row log-sum-exp in one pass: per lane a running max M and sum S of exp(x - M); blocks of four vectors
+// share one rescale. A lane whose max is still -inf shifts by 0 instead (so -inf - -inf never occurs there).
+template <typename T>
+FASTMNIST_INLINE double row_lse(const T* x, int64_t C) {
+  constexpr int W = kWidth<T>;
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  const Vec<T> zero = cpu::broadcast<T>(T(0));
+  Vec<T> M = cpu::broadcast<T>(ninf), S = zero;
+  int64_t j = 0;
+  for (; j + 4 * W <= C; j += 4 * W) {
+    Vec<T> a = cpu::load<T>(x + j), b = cpu::load<T>(x + j + W);
+    Vec<T> c = cpu::load<T>(x + j + 2 * W), d = cpu::load<T>(x + j + 3 * W);
+    Vec<T> m = cpu::vmax<T>(M, cpu::vmax<T>(cpu::vmax<T>(a, b), cpu::vmax<T>(c, d)));
+    Vec<T> sh = m == ninf ? zero : m;
+    S = S * cpu::vexp0<T>(M - sh) +
+        ((cpu::vexp0<T>(a - sh) + cpu::vexp0<T>(b - sh)) + (cpu::vexp0<T>(c - sh) + cpu::vexp0<T>(d - sh)));
+    M = m;
+  }
+  for (; j < C; j += W) {
+    Vec<T> a = cpu::load_n<T>(x + j, std::min<int64_t>(W, C - j), ninf);
+    Vec<T> m = cpu::vmax<T>(M, a);
+    Vec<T> sh = m == ninf ? zero : m;
+    S = S * cpu::vexp0<T>(M - sh) + cpu::vexp0<T>(a - sh);
+    M = m;
+  }
+  T m = M[0];
+  bool nan = false;
+  for (int l = 0; l < W; ++l) {
+    m = M[l] > m ? M[l] : m;
+    nan |= std::isnan(M[l]) || std::isnan(S[l]);
+  }
+  if (nan) return std::numeric_limits<double>::quiet_NaN();
+  const double sh = m == ninf ? 0.0 : double(m);
+  double s = 0;
+  for (int l = 0; l < W; ++l) s += double(S[l]) * std::exp(double(M[l]) - sh);
+  return double(m) + std::log(s);
+}
+
+// Loss and/or gradient for rows [r0, r1); see CERows.
+template <typename T>
+struct CrossEntropyRows {
+  // Calls f(j, n, mask) for each vector of a row: n lanes valid (n == W except for the tail).
+  template <typename F>
+  static FASTMNIST_INLINE void each_vec(int64_t C, F&& f) {
+    constexpr int W = kWidth<T>;
+    const IntVec<T> all = cpu::lane_mask<T>(W);
+    int64_t j = 0;
+    for (; j + W <= C; j += W) f(j, int64_t(W), all);
+    if (j < C) f(j, C - j, cpu::lane_mask<T>(C - j));
+  }
+
+  static FASTMNIST_INLINE void run(CERows<T> p, int64_t r0, int64_t r1) {
+    constexpr T ninf = -std::numeric_limits<T>::infinity();
+    const int64_t C = p.C;
+    const T uniform = p.eps / T(C);
+    const Vec<T> zero = cpu::broadcast<T>(T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = p.x + r * C;
+      const double lse = p.lse_in ? p.lse[r] : row_lse<T>(x, C);
+      if (!p.lse_in) p.lse[r] = lse;
+      // logp = (x - hi) - lo with hi + lo = lse: exact for the logits that matter (those near the max)
+      const T hi = T(lse);
+      const T lo = std::isfinite(hi) ? T(lse - double(hi)) : T(0);
+      const Vec<T> hi_v = cpu::broadcast<T>(hi), lo_v = cpu::broadcast<T>(lo);
+      const T s = p.gscale != nullptr ? p.gscale[r * p.gscale_stride] * p.gmul : T(0);
+      T* g = p.grad != nullptr ? p.grad + r * C : nullptr;
+      if (p.y != nullptr) {
+        const int64_t y = p.y[r];
+        const bool ignored = y == p.ignore_index;
+        const T wy = ignored ? T(0) : (p.w != nullptr ? p.w[y] : T(1));
+        const T onehot = ignored ? T(0) : (T(1) - p.eps) * wy;       // t_y's one-hot part
+        const T cu = ignored ? T(0) : uniform;                        // t_c = cu w_c elsewhere
+        const bool smooth_loss = p.loss != nullptr && !ignored && p.eps != T(0);
+        const T logp_y = ignored ? T(0) : (x[y] - hi) - lo;           // read before g overwrites x
+        const T a = ignored ? T(0) : s * (onehot + cu * p.w_sum);     // s sum(t)
+        const T su = ignored ? T(0) : s * cu;
+        const Vec<T> a_v = cpu::broadcast<T>(a), su_v = cpu::broadcast<T>(su);
+        Vec<T> acc = zero;
+        if (smooth_loss || g != nullptr) {
+          each_vec(C, [&](int64_t j, int64_t n, IntVec<T> mask) {
+            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf) - hi_v) - lo_v;
+            Vec<T> wv = p.w != nullptr ? cpu::load_n<T>(p.w + j, n, T(0)) : cpu::broadcast<T>(T(1));
+            if (smooth_loss) acc += cpu::select<T>(mask, wv * logp, zero);
+            if (g != nullptr) cpu::store_n<T>(g + j, cpu::vexp0<T>(logp) * a_v - wv * su_v, n);
+          });
+        }
+        if (g != nullptr && !ignored) g[y] -= s * onehot;
+        if (p.loss != nullptr) {
+          p.loss[r] = ignored ? T(0) : -onehot * logp_y - (smooth_loss ? uniform * cpu::reduce_add<T>(acc) : T(0));
+        }
+      } else {
+        const T* q = p.q + r * C;
+        const T keep = T(1) - p.eps;
+        auto target = [&](int64_t j, int64_t n) {
+          Vec<T> t = cpu::load_n<T>(q + j, n, T(0)) * keep + uniform;
+          return p.w != nullptr ? t * cpu::load_n<T>(p.w + j, n, T(0)) : t;
+        };
+        Vec<T> t_sum = zero, acc = zero;
+        each_vec(C, [&](int64_t j, int64_t n, IntVec<T> mask) {
+          Vec<T> t = target(j, n);
+          t_sum += cpu::select<T>(mask, t, zero);
+          if (p.loss != nullptr) {
+            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf) - hi_v) - lo_v;
+            acc += cpu::select<T>(mask, t * logp, zero);
+          }
+        });
+        if (p.loss != nullptr) p.loss[r] = -cpu::reduce_add<T>(acc);
+        if (g != nullptr || p.grad_q != nullptr) {
+          const Vec<T> a_v = cpu::broadcast<T>(s * cpu::reduce_add<T>(t_sum)), s_v = cpu::broadcast<T>(s);
+          const Vec<T> sq_v = cpu::broadcast<T>(-s * keep);
+          T* gq = p.grad_q != nullptr ? p.grad_q + r * C : nullptr;
+          each_vec(C, [&](int64_t j, int64_t n, IntVec<T>) {
+            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf) - hi_v) - lo_v;
+            if (gq != nullptr) {
+              Vec<T> wq = p.w != nullptr ? sq_v * cpu::load_n<T>(p.w + j, n, T(0)) : sq_v;
+              cpu::store_n<T>(gq + j, wq * logp, n);
+            }
+            if (g != nullptr) cpu::store_n<T>(g + j, cpu::vexp0<T>(logp) * a_v - s_v * target(j, n), n);
+          });
+        }
+      }
+    }
+  }
+};
+
+// Checks the class-index targets (before any row is read) and returns the mean's divisor: the summed class
+// weights of the kept targets, or their count.
+template <typename T>
+double check_targets_and_weight_sum(const char* op, const int64_t* y, int64_t rows, int64_t C, const T* w,
+                                    int64_t ignore_index) {
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = y[r];
+    if (t == ignore_index) continue;
+    TORCH_CHECK_INDEX(t >= 0 && t < C, op, ": target ", t, " is out of bounds: class-index targets must be in [0, ",
+                      C, ") or equal ignore_index (", ignore_index, ")");
+    total += w != nullptr ? double(w[t]) : 1.0;
+  }
+  return total;
+}
+
+struct Normalised {
+  at::Tensor x, target, weight;
+  bool prob;
+  int64_t rows, C;
+};
+
+Normalised check_ce_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing) {
+  check_float_tensor(op, "logits", logits);
+  check_dim(op, "logits", logits, 2);
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  Normalised n;
+  n.rows = logits.size(0);
+  n.C = logits.size(1);
+  n.prob = target.is_floating_point();
+  if (n.prob) {
+    check_same_dtype_device(op, "target", target, "logits", logits);
+    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": probability targets must have the shape of logits ",
+                logits.sizes(), ", got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == n.rows, op, ": class-index targets must have shape (",
+                n.rows, ",), got ", target.sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    check_same_dtype_device(op, "weight", *weight, "logits", logits);
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n.C, op, ": weight must have one entry per class (", n.C,
+                ",), got shape ", weight->sizes());
+    n.weight = weight->contiguous();
+  }
+  n.x = logits.contiguous();
+  n.target = target.contiguous();
+  return n;
+}
+
+template <typename T>
+CERows<T> make_rows(const Normalised& n, int64_t ignore_index, double label_smoothing) {
+  CERows<T> p{};
+  p.x = n.x.const_data_ptr<T>();
+  p.C = n.C;
+  p.y = n.prob ? nullptr : n.target.const_data_ptr<int64_t>();
+  p.q = n.prob ? n.target.const_data_ptr<T>() : nullptr;
+  p.w = n.weight.defined() ? n.weight.const_data_ptr<T>() : nullptr;
+  p.ignore_index = ignore_index;
+  p.eps = T(label_smoothing);
+  p.w_sum = T(n.C);
+  if (p.w != nullptr) {
+    double s = 0;
+    for (int64_t c = 0; c < n.C; ++c) s += double(p.w[c]);
+    p.w_sum = T(s);
+  }
+  return p;
+}
+
+// Rows per parallel task: about 16k logits.
+int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+}
+
+template <typename T>
+void run_rows(const CERows<T>& p, int64_t rows) {
+  at::parallel_for(0, rows, row_grain(p.C), [&](int64_t r0, int64_t r1) {
+    cpu::run_kernel<CrossEntropyRows<T>>(p, r0, r1);
+  });
+}
+
+// The mean's divisor: summed weights of the kept index targets, or the number of rows for probabilities.
+template <typename T>
+double mean_divisor(const char* op, const CERows<T>& p, int64_t rows) {
+  if (p.y == nullptr) return double(rows);
+  return check_targets_and_weight_sum<T>(op, p.y, rows, p.C, p.w, p.ignore_index);
+}
+
+template <typename T>
+at::Tensor reduce_loss(const at::Tensor& loss_rows, int64_t reduction, double divisor) {
+  if (reduction == kNone) return loss_rows;
+  const T* l = loss_rows.const_data_ptr<T>();
+  double total = 0;
+  for (int64_t r = 0; r < loss_rows.numel(); ++r) total += double(l[r]);
+  if (reduction == kMean) total /= divisor;
+  return at::scalar_tensor(total, loss_rows.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index, int64_t reduction,
+                                                             double label_smoothing) {
+  constexpr const char* op = "softmax_cross_entropy";
+  const Normalised n = check_ce_args(op, logits, target, weight, reduction, label_smoothing);
+  at::Tensor loss_rows = at::empty({n.rows}, logits.options());
+  at::Tensor lse = at::empty({n.rows}, logits.options().dtype(at::kDouble));
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_cross_entropy_cpu", [&] {
+    CERows<scalar_t> p = make_rows<scalar_t>(n, ignore_index, label_smoothing);
+    const double divisor = mean_divisor<scalar_t>(op, p, n.rows);  // also checks the targets
+    p.lse = lse.mutable_data_ptr<double>();
+    p.loss = loss_rows.mutable_data_ptr<scalar_t>();
+    run_rows<scalar_t>(p, n.rows);
+    loss = reduce_loss<scalar_t>(loss_rows, reduction, divisor);
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, std::array<bool, 2> output_mask) {
+  constexpr const char* op = "softmax_cross_entropy_backward";
+  const Normalised n = check_ce_args(op, logits, target, weight, reduction, label_smoothing);
+  check_same_dtype_device(op, "grad_loss", grad_loss, "logits", logits);
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.dim() == 1 && lse.size(0) == n.rows, op,
+              ": lse must be float64 of shape (", n.rows, ",), got ", lse.scalar_type(), " ", lse.sizes());
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n.rows, op, ": grad_loss must have shape (", n.rows,
+                ",) for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar for a reduced loss, got shape ",
+                grad_loss.sizes());
+  }
+  const bool want_q = output_mask[1] && n.prob;
+  at::Tensor grad = output_mask[0] ? at::empty_like(n.x) : at::empty({0}, logits.options());
+  at::Tensor grad_q = want_q ? at::empty_like(n.x) : at::empty({0}, logits.options());
+  if (!output_mask[0] && !want_q) return {grad, grad_q};
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "softmax_cross_entropy_backward_cpu", [&] {
+    CERows<scalar_t> p = make_rows<scalar_t>(n, ignore_index, label_smoothing);
+    const double divisor = mean_divisor<scalar_t>(op, p, n.rows);
+    p.lse = const_cast<double*>(lse_c.const_data_ptr<double>());  // read only: lse_in
+    p.lse_in = true;
+    p.grad = output_mask[0] ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_q = want_q ? grad_q.mutable_data_ptr<scalar_t>() : nullptr;
+    p.gscale = g.const_data_ptr<scalar_t>();
+    p.gscale_stride = reduction == kNone ? 1 : 0;
+    p.gmul = reduction == kMean ? scalar_t(1.0 / divisor) : scalar_t(1);
+    run_rows<scalar_t>(p, n.rows);
+  });
+  return {grad, grad_q};
+}
+
+struct LinearArgs {
+  at::Tensor x, w, b, target, class_weight;
+  bool prob;
+  int64_t N, C, D;
+};
+
+LinearArgs check_linear_ce_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                const std::optional<at::Tensor>& class_weight, int64_t num_classes,
+                                int64_t reduction, double label_smoothing) {
+  check_float_tensor(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_dim(op, "weight", weight, 2);
+  check_same_dtype_device(op, "weight", weight, "x", x);
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x has ", x.size(1), " features but weight has shape ",
+              weight.sizes());
+  TORCH_CHECK(num_classes >= 1 && weight.size(0) % num_classes == 0, op, ": weight has ", weight.size(0),
+              " rows, not a multiple of num_classes = ", num_classes);
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  LinearArgs a;
+  a.N = x.size(0);
+  a.C = num_classes;
+  a.D = weight.size(0) / num_classes;
+  const int64_t rows = a.N * a.D;
+  if (bias.has_value() && bias->defined()) {
+    check_same_dtype_device(op, "bias", *bias, "x", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (", weight.size(0),
+                ",), got ", bias->sizes());
+    a.b = bias->contiguous();
+  }
+  a.prob = target.is_floating_point();
+  if (a.prob) {
+    check_same_dtype_device(op, "target", target, "x", x);
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == rows && target.size(1) == a.C, op,
+                ": probability targets must have shape (", rows, ", ", a.C, "), got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, op, ": class-index targets must have shape (", rows,
+                ",), got ", target.sizes());
+  }
+  if (class_weight.has_value() && class_weight->defined()) {
+    check_same_dtype_device(op, "class_weight", *class_weight, "x", x);
+    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == a.C, op,
+                ": class_weight must have one entry per class (", a.C, ",), got shape ", class_weight->sizes());
+    a.class_weight = class_weight->contiguous();
+  }
+  a.x = x.contiguous();
+  a.w = weight.contiguous();
+  a.target = target.contiguous();
+  return a;
+}
+
+// The chunked classifier head, shared by forward and backward. Per chunk of x rows: logits = x W^T + b into
+// `buf`, the row kernel (loss and/or gradient in place), then the chunk's gradient GEMMs.
+template <typename T>
+void linear_ce_chunks(const LinearArgs& a, CERows<T> p, bool grads, at::Tensor& grad_x, at::Tensor& grad_w,
+                      at::Tensor& grad_b, std::array<bool, 3> mask) {
+  const int64_t width = a.D * a.C;
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(1, width * int64_t(sizeof(T))), 16,
+                                            std::max<int64_t>(a.N, 1));
+  at::Tensor buf = at::empty({chunk, width}, a.x.options());
+  const at::Tensor wt = a.w.t();
+  for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
+    const int64_t len = std::min(chunk, a.N - n0);
+    const int64_t r0 = n0 * a.D, nrows = len * a.D;
+    at::Tensor logits = buf.narrow(0, 0, len);
+    const at::Tensor xc = a.x.narrow(0, n0, len);
+    if (a.b.defined()) {
+      at::addmm_out(logits, a.b, xc, wt);
+    } else {
+      at::mm_out(logits, xc, wt);
+    }
+    CERows<T> c = p;
+    c.x = logits.const_data_ptr<T>();
+    if (c.y != nullptr) c.y += r0;
+    if (c.q != nullptr) c.q += r0 * a.C;
+    c.lse += r0;
+    if (c.loss != nullptr) c.loss += r0;
+    if (grads) c.grad = logits.mutable_data_ptr<T>();
+    if (grads) c.gscale += r0 * c.gscale_stride;
+    run_rows<T>(c, nrows);
+    if (!grads) continue;
+    if (mask[0]) {
+      at::Tensor gx = grad_x.narrow(0, n0, len);
+      at::mm_out(gx, logits, a.w);
+    }
+    if (mask[1]) grad_w.addmm_(logits.t(), xc);
+    if (mask[2]) grad_b.add_(logits.sum(0));
+  }
+}
+
+template <typename T>
+CERows<T> linear_rows(const LinearArgs& a, int64_t ignore_index, double label_smoothing) {
+  Normalised n;
+  n.x = a.x;  // unused by make_rows beyond its pointer, replaced per chunk
+  n.target = a.target;
+  n.weight = a.class_weight;
+  n.prob = a.prob;
+  n.rows = a.N * a.D;
+  n.C = a.C;
+  return make_rows<T>(n, ignore_index, label_smoothing);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+    const std::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t ignore_index, int64_t reduction,
+    double label_smoothing, std::array<bool, 3> grad_mask) {
+  constexpr const char* op = "linear_cross_entropy";
+  const LinearArgs a =
+      check_linear_ce_args(op, x, weight, bias, target, class_weight, num_classes, reduction, label_smoothing);
+  const int64_t rows = a.N * a.D;
+  const bool precompute = reduction != kNone && (grad_mask[0] || grad_mask[1] || (grad_mask[2] && a.b.defined()));
+  std::array<bool, 3> mask = {precompute && grad_mask[0], precompute && grad_mask[1],
+                              precompute && grad_mask[2] && a.b.defined()};
+  const auto opts = x.options();
+  at::Tensor loss_rows = at::empty({rows}, opts);
+  at::Tensor lse = at::empty({rows}, opts.dtype(at::kDouble));
+  at::Tensor grad_x = mask[0] ? at::empty({a.N, x.size(1)}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w = mask[1] ? at::zeros_like(a.w) : at::empty({0}, opts);
+  at::Tensor grad_b = mask[2] ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cross_entropy_cpu", [&] {
+    CERows<scalar_t> p = linear_rows<scalar_t>(a, ignore_index, label_smoothing);
+    const double divisor = mean_divisor<scalar_t>(op, p, rows);
+    const scalar_t one = 1;
+    p.lse = lse.mutable_data_ptr<double>();
+    p.loss = loss_rows.mutable_data_ptr<scalar_t>();
+    if (precompute) {
+      p.gscale = &one;
+      p.gmul = reduction == kMean ? scalar_t(1.0 / divisor) : scalar_t(1);
+    }
+    linear_ce_chunks<scalar_t>(a, p, precompute, grad_x, grad_w, grad_b, mask);
+    loss = reduce_loss<scalar_t>(loss_rows, reduction, divisor);
+  });
+  return {loss, lse, grad_x, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, const at::Tensor& lse,
+    int64_t num_classes, int64_t ignore_index, int64_t reduction, double label_smoothing,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "linear_cross_entropy_backward";
+  const LinearArgs a =
+      check_linear_ce_args(op, x, weight, bias, target, class_weight, num_classes, reduction, label_smoothing);
+  const int64_t rows = a.N * a.D;
+  check_same_dtype_device(op, "grad_loss", grad_loss, "x", x);
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.dim() == 1 && lse.size(0) == rows, op,
+              ": lse must be float64 of shape (", rows, ",), got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(reduction == kNone ? (grad_loss.dim() == 1 && grad_loss.size(0) == rows) : grad_loss.numel() == 1, op,
+              ": grad_loss has shape ", grad_loss.sizes(), ", which does not match the loss");
+  std::array<bool, 3> mask = {output_mask[0], output_mask[1], output_mask[2] && a.b.defined()};
+  const auto opts = x.options();
+  at::Tensor grad_x = mask[0] ? at::empty({a.N, x.size(1)}, opts) : at::empty({0}, opts);
+  at::Tensor grad_w = mask[1] ? at::zeros_like(a.w) : at::empty({0}, opts);
+  at::Tensor grad_b = mask[2] ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
+  if (!(mask[0] || mask[1] || mask[2])) return {grad_x, grad_w, grad_b};
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
+    CERows<scalar_t> p = linear_rows<scalar_t>(a, ignore_index, label_smoothing);
+    const double divisor = mean_divisor<scalar_t>(op, p, rows);
+    p.lse = const_cast<double*>(lse_c.const_data_ptr<double>());  // read only: lse_in
+    p.lse_in = true;
+    p.gscale = g.const_data_ptr<scalar_t>();
+    p.gscale_stride = reduction == kNone ? 1 : 0;
+    p.gmul = reduction == kMean ? scalar_t(1.0 / divisor) : scalar_t(1);
+    linear_ce_chunks<scalar_t>(a, p, true, grad_x, grad_w, grad_b, mask);
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
+  m.impl("softmax_cross_entropy", &softmax_cross_entropy_cpu);
+  m.impl("softmax_cross_entropy_backward", &softmax_cross_entropy_backward_cpu);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+}
+
+}  // namespace fastmnist

@@ -1,0 +1,205 @@
+// Sigmoid followed by binary cross-entropy, fused, on the CPU (F.binary_cross_entropy_with_logits).
+//
+// With y the target, w the weight and pw the positive-class weight (1 when absent), and lw = 1 + (pw - 1) y:
+//   loss = w ((1 - y) x + lw softplus(-x)),  softplus(z) = max(z, 0) + log1p(exp(-|z|))   (finite for all x)
+//   dloss/dx = w (lw sigmoid(x) - pw y),     dloss/dy = w (pw - 1) softplus(-x) - w x
+// Logits and targets come as (rows, C) row-major; weight and pos_weight as (C,) (broadcast over the rows) or
+// (rows, C). Forward is one pass (the reduced losses sum per row, then the rows in order: deterministic);
+// nothing is saved for backward but the inputs, and backward is one pass that writes each gradient once.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/loss_vec.h"
+
+namespace fastmnist {
+namespace {
+
+using cpu::kWidth;
+using cpu::Vec;
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+template <typename T>
+struct BCERows {
+  const T* x;
+  const T* y;
+  const T* w;      // weight, or null
+  int64_t w_ld;    // 0: (C,) per class, C: (rows, C)
+  const T* pw;     // pos_weight, or null
+  int64_t pw_ld;
+  int64_t C;
+  T* loss;         // (rows, C) elementwise loss (reduction none), or null
+  double* row_sum; // (rows,) per-row loss sums, or null
+  const T* g;      // grad_loss: (rows, C) when g_ld == C, else a scalar (g_ld == 0)
+  int64_t g_ld;
+  T gmul;
+  T* grad_x;       // or null
+  T* grad_y;       // or null
+};
+
+template <typename T>
+struct SigmoidBCERows {
+  static FASTMNIST_INLINE void run(BCERows<T> p, int64_t r0, int64_t r1) {
+    constexpr int W = kWidth<T>;
+    const int64_t C = p.C;
+    const bool forward = p.loss != nullptr || p.row_sum != nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = p.x + r * C;
+      const T* y = p.y + r * C;
+      const T* w = p.w != nullptr ? p.w + r * p.w_ld : nullptr;
+      const T* pw = p.pw != nullptr ? p.pw + r * p.pw_ld : nullptr;
+      Vec<T> acc = cpu::broadcast<T>(T(0));
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t n = std::min<int64_t>(W, C - j);
+        const Vec<T> xv = cpu::load_n<T>(x + j, n, T(0));
+        const Vec<T> yv = cpu::load_n<T>(y + j, n, T(0));
+        const Vec<T> wv = w != nullptr ? cpu::load_n<T>(w + j, n, T(0)) : cpu::broadcast<T>(T(1));
+        const Vec<T> pwv = pw != nullptr ? cpu::load_n<T>(pw + j, n, T(1)) : cpu::broadcast<T>(T(1));
+        const Vec<T> lw = T(1) + (pwv - T(1)) * yv;
+        const Vec<T> sp = cpu::vsoftplus<T>(-xv);  // softplus(-x) = -log sigmoid(x)
+        if (forward) {
+          Vec<T> l = ((T(1) - yv) * xv + lw * sp) * wv;
+          if (p.loss != nullptr) cpu::store_n<T>(p.loss + r * C + j, l, n);
+          if (p.row_sum != nullptr) acc += n == W ? l : cpu::select<T>(cpu::lane_mask<T>(n), l, cpu::broadcast<T>(T(0)));
+        } else {
+          const Vec<T> s = (p.g_ld != 0 ? cpu::load_n<T>(p.g + r * C + j, n, T(0)) : cpu::broadcast<T>(p.g[0])) *
+                           p.gmul * wv;
+          if (p.grad_x != nullptr) {
+            // sigmoid(x) = exp(-softplus(-x)): one exp, and exact in the tails
+            const Vec<T> sig = cpu::vexp0<T>(-sp);
+            cpu::store_n<T>(p.grad_x + r * C + j, s * (lw * sig - pwv * yv), n);
+          }
+          if (p.grad_y != nullptr) cpu::store_n<T>(p.grad_y + r * C + j, s * ((pwv - T(1)) * sp - xv), n);
+        }
+      }
+      if (p.row_sum != nullptr) p.row_sum[r] = double(cpu::reduce_add<T>(acc));
+    }
+  }
+};
+
+struct BCEArgs {
+  at::Tensor x, y, w, pw;
+  int64_t rows, C;
+};
+
+// weight / pos_weight: (C,) or (rows, C); returns the leading dimension (0 or C).
+int64_t check_broadcast_arg(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_same_dtype_device(op, name, t, "logits", x);
+  if (t.dim() == 1 && t.size(0) == x.size(1)) return 0;
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape (", x.size(1), ",) or ", x.sizes(),
+              ", got ", t.sizes());
+  return x.size(1);
+}
+
+BCEArgs check_bce_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                       int64_t reduction, int64_t* w_ld, int64_t* pw_ld) {
+  check_float_tensor(op, "logits", logits);
+  check_dim(op, "logits", logits, 2);
+  check_same_dtype_device(op, "target", target, "logits", logits);
+  TORCH_CHECK(target.sizes() == logits.sizes(), op, ": target must have the shape of logits ", logits.sizes(),
+              ", got ", target.sizes());
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  BCEArgs a;
+  a.rows = logits.size(0);
+  a.C = logits.size(1);
+  a.x = logits.contiguous();
+  a.y = target.contiguous();
+  *w_ld = *pw_ld = 0;
+  if (weight.has_value() && weight->defined()) {
+    *w_ld = check_broadcast_arg(op, "weight", *weight, logits);
+    a.w = weight->contiguous();
+  }
+  if (pos_weight.has_value() && pos_weight->defined()) {
+    *pw_ld = check_broadcast_arg(op, "pos_weight", *pos_weight, logits);
+    a.pw = pos_weight->contiguous();
+  }
+  return a;
+}
+
+template <typename T>
+BCERows<T> make_bce_rows(const BCEArgs& a, int64_t w_ld, int64_t pw_ld) {
+  BCERows<T> p{};
+  p.x = a.x.const_data_ptr<T>();
+  p.y = a.y.const_data_ptr<T>();
+  p.w = a.w.defined() ? a.w.const_data_ptr<T>() : nullptr;
+  p.w_ld = w_ld;
+  p.pw = a.pw.defined() ? a.pw.const_data_ptr<T>() : nullptr;
+  p.pw_ld = pw_ld;
+  p.C = a.C;
+  return p;
+}
+
+template <typename T>
+void run_bce(const BCERows<T>& p, int64_t rows) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.C, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    cpu::run_kernel<SigmoidBCERows<T>>(p, r0, r1);
+  });
+}
+
+at::Tensor sigmoid_bce_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  constexpr const char* op = "sigmoid_bce";
+  int64_t w_ld, pw_ld;
+  const BCEArgs a = check_bce_args(op, logits, target, weight, pos_weight, reduction, &w_ld, &pw_ld);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sigmoid_bce_cpu", [&] {
+    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a, w_ld, pw_ld);
+    if (reduction == kNone) {
+      out = at::empty({a.rows, a.C}, logits.options());
+      p.loss = out.mutable_data_ptr<scalar_t>();
+      run_bce<scalar_t>(p, a.rows);
+      return;
+    }
+    at::Tensor sums = at::empty({a.rows}, logits.options().dtype(at::kDouble));
+    p.row_sum = sums.mutable_data_ptr<double>();
+    run_bce<scalar_t>(p, a.rows);
+    double total = 0;
+    for (int64_t r = 0; r < a.rows; ++r) total += p.row_sum[r];
+    if (reduction == kMean) total /= double(a.rows * a.C);
+    out = at::scalar_tensor(total, logits.options());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_bce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                            const at::Tensor& target,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& pos_weight,
+                                                            int64_t reduction, std::array<bool, 2> output_mask) {
+  constexpr const char* op = "sigmoid_bce_backward";
+  int64_t w_ld, pw_ld;
+  const BCEArgs a = check_bce_args(op, logits, target, weight, pos_weight, reduction, &w_ld, &pw_ld);
+  check_same_dtype_device(op, "grad_loss", grad_loss, "logits", logits);
+  TORCH_CHECK(reduction == kNone ? grad_loss.sizes() == logits.sizes() : grad_loss.numel() == 1, op,
+              ": grad_loss has shape ", grad_loss.sizes(), ", which does not match the loss");
+  const auto opts = logits.options();
+  at::Tensor grad_x = output_mask[0] ? at::empty({a.rows, a.C}, opts) : at::empty({0}, opts);
+  at::Tensor grad_y = output_mask[1] ? at::empty({a.rows, a.C}, opts) : at::empty({0}, opts);
+  if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_y};
+  const at::Tensor g = grad_loss.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sigmoid_bce_backward_cpu", [&] {
+    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a, w_ld, pw_ld);
+    p.g = g.const_data_ptr<scalar_t>();
+    p.g_ld = reduction == kNone ? a.C : 0;
+    p.gmul = reduction == kMean ? scalar_t(1.0 / double(a.rows * a.C)) : scalar_t(1);
+    p.grad_x = output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    p.grad_y = output_mask[1] ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
+    run_bce<scalar_t>(p, a.rows);
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
+  m.impl("sigmoid_bce", &sigmoid_bce_cpu);
+  m.impl("sigmoid_bce_backward", &sigmoid_bce_backward_cpu);
+}
+
+}  // namespace fastmnist

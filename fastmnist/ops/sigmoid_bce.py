@@ -1,0 +1,83 @@
+"""sigmoid_bce: the fused, stable sigmoid + binary cross-entropy (F.binary_cross_entropy_with_logits), with its
+autograd and fake kernels."""
+
+import math
+
+import torch
+
+from .. import _lib
+from ._common import check_devices, empty_if_unneeded
+from .cross_entropy import _check_not_differentiable, reduction_code
+
+
+def _per_class(op, name, t, shape):
+    """weight / pos_weight as the kernel takes them: (C,) when it only varies along the last dimension, else the
+    full (rows, C); raises as eager does when it does not broadcast to the input's shape."""
+    if t is None:
+        return None
+    try:
+        fits = torch.broadcast_shapes(t.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise RuntimeError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast to the input shape {tuple(shape)}")
+    c = shape[-1] if len(shape) > 0 else 1
+    if t.numel() == 1:
+        return t.reshape(1).expand(c)
+    if t.dim() >= 1 and t.shape[-1] == c and t.numel() == c:
+        return t.reshape(c)
+    return t.expand(shape).reshape(math.prod(shape[:-1]), c)
+
+
+def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
+    """Fused, numerically stable ``F.binary_cross_entropy_with_logits(logits, target, weight, reduction=...,
+    pos_weight=...)``. weight and pos_weight broadcast to the input's shape (not differentiable); the loss is
+    differentiable in logits and target."""
+    op = "sigmoid_bce"
+    code = reduction_code(reduction)
+    if target.shape != logits.shape:
+        raise ValueError(f"Target size ({target.shape}) must be the same as input size ({logits.shape})")
+    if not target.is_floating_point():
+        raise RuntimeError(f"{op}: target must be a floating-point tensor (probabilities), got {target.dtype}")
+    check_devices(op, logits, target, weight, pos_weight)
+    _check_not_differentiable(op, "weight", weight)
+    _check_not_differentiable(op, "pos_weight", pos_weight)
+    if target.dtype != logits.dtype:
+        target = target.to(logits.dtype)
+    shape = logits.shape
+    c = shape[-1] if len(shape) > 0 else 1
+    w = _per_class(op, "weight", weight, shape)
+    pw = _per_class(op, "pos_weight", pos_weight, shape)
+    rows = math.prod(shape[:-1])
+    loss = torch.ops.fastmnist.sigmoid_bce(logits.reshape(rows, c), target.reshape(rows, c), w, pw, code)
+    return loss.view(shape) if code == 0 else loss
+
+
+def _sigmoid_bce_fake(logits, target, weight, pos_weight, reduction):
+    return torch.empty_like(logits) if reduction == 0 else logits.new_empty(())
+
+
+def _sigmoid_bce_backward_fake(grad_loss, logits, target, weight, pos_weight, reduction, output_mask):
+    empty = logits.new_empty((0,))
+    return (torch.empty_like(logits) if output_mask[0] else empty,
+            torch.empty_like(logits) if output_mask[1] else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, pos_weight, reduction = inputs
+    ctx.save_for_backward(logits, target, weight, pos_weight)
+    ctx.reduction = reduction
+
+
+def _backward(ctx, grad_loss):
+    logits, target, weight, pos_weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    grad_x, grad_t = torch.ops.fastmnist.sigmoid_bce_backward(grad_loss, logits, target, weight, pos_weight,
+                                                              ctx.reduction, mask)
+    return empty_if_unneeded(mask[0], grad_x), empty_if_unneeded(mask[1], grad_t), None, None, None
+
+
+if _lib.LOADED:
+    torch.library.register_fake("fastmnist::sigmoid_bce")(_sigmoid_bce_fake)
+    torch.library.register_fake("fastmnist::sigmoid_bce_backward")(_sigmoid_bce_backward_fake)
+    torch.library.register_autograd("fastmnist::sigmoid_bce", _backward, setup_context=_setup_context)

@@ -1,0 +1,253 @@
+"""fastmnist.fused_step against eager training: the same parameters and optimizer state after N steps."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastmnist
+from fastmnist import models
+from fastmnist.nn import FusedLinear
+
+# Parity is judged norm-wise per parameter, ||fused - eager|| / ||eager||: float32 kernels round differently
+# from eager's (bias added after the GEMM, not inside it), and Adam magnifies the difference element-wise on
+# near-zero gradients, but the trajectories stay together.
+PARITY = {torch.float32: 1e-5, torch.float64: 1e-11}
+STEPS = 100
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1),
+    "sgd-nesterov-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3),
+    "sgd-wd": lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adam-wd": lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05),
+}
+
+# (model name, options); each trained on its own loss
+MODELS = [
+    ("mlp", {}),
+    ("softmax", {}),
+    ("twolayer", {}),
+    ("classifier", {"hidden": "sigmoid", "loss": "mse"}),
+    ("classifier", {"hidden": "sigmoid", "loss": "bce"}),
+    ("classifier", {"hidden": "leaky_relu", "loss": "bce"}),
+    ("classifier", {"hidden": "leaky_relu_layernorm", "loss": "bce"}),
+]
+if hasattr(fastmnist.nn, "ConvActPool2d"):
+    MODELS.append(("lenet", {}))
+
+
+def make_pair(name, options, optimizer, dtype, seed=0):
+    """The fused model + its fused step, and the eager model + loss + optimizer, from the same weights."""
+    torch.manual_seed(seed)
+    fused = models.create_model(name, "fused", **options).to(dtype)
+    eager = models.create_model(name, "eager", **options).to(dtype)
+    eager.load_state_dict(fused.state_dict())
+    fused_opt = OPTIMIZERS[optimizer](fused.parameters())
+    eager_opt = OPTIMIZERS[optimizer](eager.parameters())
+    step = fastmnist.fused_step(fused, models.create_loss(name, "fused", **options), fused_opt)
+    return fused, fused_opt, step, eager, eager_opt, models.create_loss(name, "eager", **options)
+
+
+def make_batches(name, options, dtype, count=4, batch=24, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        x = torch.rand(batch, 1, 28, 28, generator=gen, dtype=dtype)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        if models.target_kind(name, **options) == "onehot":
+            y = nn.functional.one_hot(y, 10).to(dtype)
+        batches.append((x, y))
+    return batches
+
+
+def eager_step(model, loss_fn, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def assert_parity(fused, eager, dtype, what=""):
+    for (name, pf), pe in zip(fused.named_parameters(), eager.parameters()):
+        error = ((pf - pe).norm() / pe.norm().clamp_min(1e-30)).item()
+        assert error <= PARITY[dtype], f"{what}{name}: relative error {error:.2e} > {PARITY[dtype]:.0e}"
+
+
+def assert_state_parity(fused_opt, eager_opt, dtype):
+    for pf, pe in zip(fused_opt.param_groups[0]["params"], eager_opt.param_groups[0]["params"]):
+        sf, se = fused_opt.state[pf], eager_opt.state[pe]
+        assert set(sf) == set(se)
+        for key in se:
+            if torch.is_tensor(se[key]):
+                assert sf[key].dtype == se[key].dtype and sf[key].shape == se[key].shape, key
+                error = ((sf[key].double() - se[key].double()).norm() / se[key].double().norm().clamp_min(1e-30))
+                assert error.item() <= 10 * PARITY[dtype], f"optimizer state {key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
+def test_parity_float32(name, options, optimizer):
+    dtype = torch.float32
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
+    batches = make_batches(name, options, dtype)
+    for i in range(STEPS):
+        x, y = batches[i % len(batches)]
+        loss = step(x, y)
+        eager_loss_value = eager_step(eager, eager_loss, eager_opt, x, y)
+        if i == 0:
+            assert loss == pytest.approx(eager_loss_value, rel=1e-5)
+    assert_parity(fused, eager, dtype)
+    assert_state_parity(fused_opt, eager_opt, dtype)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-nesterov-wd", "adam-wd", "adamw"])
+@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
+def test_parity_float64(name, options, optimizer):
+    dtype = torch.float64
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
+    batches = make_batches(name, options, dtype)
+    for i in range(STEPS):
+        x, y = batches[i % len(batches)]
+        step(x, y)
+        eager_step(eager, eager_loss, eager_opt, x, y)
+    assert_parity(fused, eager, dtype)
+    assert_state_parity(fused_opt, eager_opt, dtype)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
+def test_mixing_fused_and_eager_steps_with_state_save_and_load(optimizer):
+    """Alternate fused and eager steps on one model; save the optimizer state midway and load it into a fresh
+    optimizer; the result tracks a purely eager run."""
+    dtype = torch.float64
+    name, options = "classifier", {"hidden": "leaky_relu_layernorm", "loss": "bce"}
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
+    fused_loss = models.create_loss(name, "fused", **options)
+    batches = make_batches(name, options, dtype)
+    for i in range(40):
+        x, y = batches[i % len(batches)]
+        if i == 20:
+            saved = fused_opt.state_dict()
+            fused_opt = OPTIMIZERS[optimizer](fused.parameters())
+            fused_opt.load_state_dict(saved)
+            step = fastmnist.fused_step(fused, fused_loss, fused_opt)
+        if i % 3 == 1:
+            eager_step(fused, fused_loss, fused_opt, x, y)  # an ordinary autograd step on the fused model
+        else:
+            step(x, y)
+        eager_step(eager, eager_loss, eager_opt, x, y)
+    assert_parity(fused, eager, dtype)
+    assert_state_parity(fused_opt, eager_opt, dtype)
+
+
+def test_scheduler_changes_the_learning_rate():
+    dtype = torch.float64
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("twolayer", {}, "sgd-momentum", dtype)
+    fused_sched = torch.optim.lr_scheduler.StepLR(fused_opt, step_size=5, gamma=0.3)
+    eager_sched = torch.optim.lr_scheduler.StepLR(eager_opt, step_size=5, gamma=0.3)
+    batches = make_batches("twolayer", {}, dtype)
+    for i in range(20):
+        x, y = batches[i % len(batches)]
+        step(x, y)
+        eager_step(eager, eager_loss, eager_opt, x, y)
+        fused_sched.step()
+        eager_sched.step()
+    assert fused_opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.3**4)
+    assert_parity(fused, eager, dtype)
+    # and the learning rate did matter: a run without the scheduler ends elsewhere
+    other, other_opt, other_step, *_ = make_pair("twolayer", {}, "sgd-momentum", dtype)
+    for i in range(20):
+        other_step(*batches[i % len(batches)])
+    assert not torch.allclose(other.fc1.weight, fused.fc1.weight)
+
+
+def test_logits_and_loss_of_the_step():
+    torch.manual_seed(3)
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("mlp", {}, "sgd", torch.float64)
+    x, y = make_batches("mlp", {}, torch.float64, count=1)[0]
+    with torch.no_grad():
+        expected_logits = eager(x)
+        expected_loss = eager_loss(expected_logits, y).item()
+    loss = step(x, y)
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    torch.testing.assert_close(step.logits, expected_logits)
+
+
+def test_batch_sizes_change_between_steps():
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("twolayer", {}, "adam", torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    for batch in (5, 1, 7, 5, 1):
+        x = torch.rand(batch, 1, 28, 28, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        step(x, y)
+        eager_step(eager, eager_loss, eager_opt, x, y)
+    assert_parity(fused, eager, torch.float64)
+
+
+def test_ignored_targets_match_eager():
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("softmax", {}, "sgd", torch.float64)
+    x, y = make_batches("softmax", {}, torch.float64, count=1)[0]
+    y[::3] = -100
+    for _ in range(5):
+        step(x, y)
+        eager_step(eager, eager_loss, eager_opt, x, y)
+    assert_parity(fused, eager, torch.float64)
+
+
+# ---- what cannot be fused is refused, naming the part ----
+
+def test_rejects_unsupported_layers():
+    model = nn.Sequential(nn.Flatten(), FusedLinear(784, 10), nn.Dropout(0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(fastmnist.FusionError, match=r"layer '2' \(Dropout\) is not supported"):
+        fastmnist.fused_step(model, nn.CrossEntropyLoss(), opt)
+    eager = models.create_model("mlp", "eager")
+    with pytest.raises(fastmnist.FusionError, match=r"layer 'fc1' \(Linear\) is not supported"):
+        fastmnist.fused_step(eager, nn.CrossEntropyLoss(), torch.optim.SGD(eager.parameters(), lr=0.1))
+    with pytest.raises(fastmnist.FusionError, match=r"Flatten\(start_dim=1, end_dim=-1\)"):
+        fastmnist.fused_step(nn.Sequential(nn.Flatten(0), FusedLinear(4, 2)), nn.CrossEntropyLoss(),
+                             torch.optim.SGD([p for p in FusedLinear(4, 2).parameters()], lr=0.1))
+
+
+def test_rejects_unsupported_losses_and_optimizers():
+    model = models.create_model("softmax", "fused")
+
+    def attempt(loss_fn, optimizer):
+        return fastmnist.fused_step(model, loss_fn, optimizer)
+
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(fastmnist.FusionError, match="loss CrossEntropyLoss: only the defaults"):
+        attempt(nn.CrossEntropyLoss(label_smoothing=0.1), sgd)
+    with pytest.raises(fastmnist.FusionError, match="loss NLLLoss is not supported"):
+        attempt(nn.NLLLoss(), sgd)
+    with pytest.raises(fastmnist.FusionError, match="optimizer RMSprop is not supported"):
+        attempt(nn.CrossEntropyLoss(), torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(fastmnist.FusionError, match="amsgrad=True is not supported"):
+        attempt(nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), amsgrad=True))
+    with pytest.raises(fastmnist.FusionError, match="maximize=True is not supported"):
+        attempt(nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+    with pytest.raises(fastmnist.FusionError, match="only one parameter group"):
+        attempt(nn.CrossEntropyLoss(), torch.optim.SGD([{"params": [model.fc1.weight]},
+                                                        {"params": [model.fc1.bias], "lr": 0.01}], lr=0.1))
+    with pytest.raises(fastmnist.FusionError, match="exactly the model's parameters"):
+        attempt(nn.CrossEntropyLoss(), torch.optim.SGD([model.fc1.weight], lr=0.1))
+
+
+def test_rejects_bad_batches():
+    model = models.create_model("softmax", "fused")
+    step = fastmnist.fused_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.rand(4, 1, 28, 28)
+    with pytest.raises(RuntimeError, match="target 10 is out of bounds for 10 classes"):
+        step(x, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(RuntimeError, match="int64 class indices of shape"):
+        step(x, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(RuntimeError, match="x must have the model's dtype"):
+        step(x.double(), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="expects 784 input features"):
+        step(torch.rand(4, 1, 20, 20), torch.tensor([0, 1, 2, 3]))
+    before = model.fc1.weight.clone()
+    with pytest.raises(RuntimeError):
+        step(x, torch.tensor([0, 1, -5, 2]))
+    assert torch.equal(before, model.fc1.weight), "a refused step must not touch the parameters"
