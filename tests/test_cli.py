@@ -286,11 +286,11 @@ def test_download_calls_the_data_layer(monkeypatch, tmp_path, capsys):
     fails(capsys, "download", "--root", tmp_path, match="every mirror failed")
 
 
-def test_commands_table_and_module_entry_point():
+def test_commands_table_and_module_entry_point(capsys):
     assert set(cli.COMMANDS) >= {"train", "eval", "predict", "download"}
+    with pytest.raises(SystemExit) as error:
+        cli.main([])
+    assert error.value.code == 2 and "required" in capsys.readouterr().err
     result = subprocess.run([sys.executable, "-m", "fastmnist", "--help"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__))), timeout=120)
     assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "fastmnist"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__))), timeout=120)
-    assert result.returncode == 2 and "required" in result.stderr

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import fastmnist
 import fastmnist.nn as fnn
 from fastmnist import data, models, plots
 from fastmnist.train import History, eager_step, evaluate, fit, make_targets
@@ -200,16 +201,17 @@ SHORT_RUNS = {
 }
 
 
-def short_run(name, backend, sample, epochs=None, loss_backend=None, **options):
+def short_run(name, backend, sample, epochs=None, loss_backend=None, use_fused_step=False, **options):
     limit, run_epochs, batch_size, optimizer, lr, _ = SHORT_RUNS[name]
     torch.manual_seed(0)
     model = models.create_model(name, backend, **options)
     loss_fn = models.create_loss(name, loss_backend or backend, **options)
     opt = models.create_optimizer(name, model.parameters(), optimizer, lr)
     x, y = sample.train.take(limit).tensors(flatten=False)
+    step = fastmnist.fused_step(model, loss_fn, opt) if use_fused_step else None
     history = fit(model, loss_fn, opt, (x, y), sample.test.tensors(flatten=False), epochs or run_epochs,
                   batch_size or models.RECIPES[name].batch_size, models.target_kind(name, **options),
-                  progress=False, log=None)
+                  step=step, progress=False, log=None)
     return model, history
 
 
@@ -225,6 +227,16 @@ def test_short_run_learns(name, backend, sample):
     assert final.test_acc > minimum, f"{name}/{backend}: test accuracy {final.test_acc:.3f} after a short run"
     assert final.train_acc > 0.3
     assert len(history.predictions) == len(sample.test)
+
+
+@pytest.mark.parametrize("name", sorted(SHORT_RUNS))
+def test_short_run_with_the_fused_step_learns(name, sample):
+    if not hasattr(fastmnist, "fused_step"):
+        pytest.skip("fastmnist.fused_step is not on this branch yet")
+    require_fused(name)
+    _, history = short_run(name, "fused", sample, use_fused_step=True)
+    assert history.final.test_acc > SHORT_RUNS[name][-1]
+    assert history.final.train_acc > 0.3  # from step.logits
 
 
 @pytest.mark.parametrize("name", sorted(SHORT_RUNS))
