@@ -4,7 +4,7 @@ Ops (``fastmnist.linear_act`` ...) live in ``fastmnist.ops``; drop-in modules in
 """
 
 from . import _lib, nn, ops
-from .ops import linear_act
+from .ops import conv_act_pool, linear_act
 
 __version__ = "0.1.0"
-__all__ = ["linear_act", "nn", "ops"]
+__all__ = ["conv_act_pool", "linear_act", "nn", "ops"]

@@ -21,3 +21,8 @@ def activation_reference(z, activation, negative_slope=0.01):
 
 def linear_act_reference(x, weight, bias=None, activation="relu", negative_slope=0.01):
     return activation_reference(F.linear(x, weight, bias), activation, negative_slope)
+
+
+def conv_act_pool_reference(x, weight, bias=None, padding=0, activation="sigmoid"):
+    """The LeNet block in eager PyTorch: conv (stride 1) -> activation -> 2x2 average pooling (floor)."""
+    return F.avg_pool2d(activation_reference(F.conv2d(x, weight, bias, padding=padding), activation), 2)

@@ -4,6 +4,7 @@ Each submodule registers its ops' fake kernels and autograd formulas with torch.
 library loaded (registering them for ops that do not exist would fail at import).
 """
 
+from .conv_act_pool import conv_act_pool
 from .linear_act import linear_act
 
-__all__ = ["linear_act"]
+__all__ = ["conv_act_pool", "linear_act"]
