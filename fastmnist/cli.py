@@ -369,6 +369,29 @@ def cmd_download(args):
     return 0
 
 
+def _bench_arguments(parser):
+    parser.add_argument("--quick", action="store_true",
+                        help="1000 training images, no torch.compile, quick per-op runs: under a minute")
+    parser.add_argument("--models", nargs="+", choices=models.MODELS, help="models to time (default: all)")
+    parser.add_argument("--data", metavar="DIR", help="MNIST folder (default: the bundled sample)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="folder for the JSON, Markdown and PNG results (default: benchmarks/results)")
+    parser.add_argument("--no-ops", action="store_true", help="skip the per-op benchmarks")
+
+
+def cmd_bench(args):
+    from .bench import OP_BENCHMARKS, epochs
+    from .bench.harness import RESULTS_DIR
+
+    out = args.out or str(RESULTS_DIR)
+    path = epochs.run(args.models, quick=args.quick, data_root=args.data, out=out, log=_log)
+    print(f"epoch benchmark: {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+    if not args.no_ops:
+        for module in OP_BENCHMARKS:
+            module.main((["--quick"] if args.quick else []) + ["--out", out])
+    return 0
+
+
 # ---- the command --------------------------------------------------------------------------------------------
 
 COMMANDS = {
@@ -376,6 +399,8 @@ COMMANDS = {
     "eval": ("test accuracy of a checkpoint", _eval_arguments, cmd_eval),
     "predict": ("predict the class of images or test-set indices", _predict_arguments, cmd_predict),
     "download": ("download MNIST or Fashion-MNIST", _download_arguments, cmd_download),
+    "bench": ("time one training epoch per model (eager, torch.compile, fused) and the fused ops",
+              _bench_arguments, cmd_bench),
 }
 
 

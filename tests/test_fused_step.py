@@ -36,9 +36,8 @@ MODELS = [
     ("classifier", {"hidden": "sigmoid", "loss": "bce"}),
     ("classifier", {"hidden": "leaky_relu", "loss": "bce"}),
     ("classifier", {"hidden": "leaky_relu_layernorm", "loss": "bce"}),
+    ("lenet", {}),
 ]
-if hasattr(fastmnist.nn, "ConvActPool2d"):
-    MODELS.append(("lenet", {}))
 
 
 def make_pair(name, options, optimizer, dtype, seed=0):
