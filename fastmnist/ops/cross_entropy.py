@@ -170,9 +170,11 @@ def _softmax_cross_entropy_fake(logits, target, weight, ignore_index, reduction,
 
 def _softmax_cross_entropy_backward_fake(grad_loss, logits, target, weight, lse, ignore_index, reduction,
                                          label_smoothing, output_mask):
-    empty = logits.new_empty((0,))
-    grad = torch.empty_like(logits) if output_mask[0] else empty
-    grad_target = torch.empty_like(logits) if output_mask[1] and target.is_floating_point() else empty
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return logits.new_empty((0,))
+
+    grad = torch.empty_like(logits) if output_mask[0] else empty()
+    grad_target = torch.empty_like(logits) if output_mask[1] and target.is_floating_point() else empty()
     return grad, grad_target
 
 
@@ -196,20 +198,24 @@ def _linear_cross_entropy_fake(x, weight, bias, target, class_weight, num_classe
     rows = x.shape[0] * (weight.shape[0] // num_classes)
     loss = x.new_empty((rows,)) if reduction == 0 else x.new_empty(())
     lse = x.new_empty((rows,), dtype=torch.float64)
-    empty = x.new_empty((0,))
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return x.new_empty((0,))
+
     pre = reduction != 0
-    grad_x = torch.empty_like(x) if pre and grad_mask[0] else empty
-    grad_w = torch.empty_like(weight) if pre and grad_mask[1] else empty
-    grad_b = weight.new_empty((weight.shape[0],)) if pre and grad_mask[2] and bias is not None else empty
+    grad_x = torch.empty_like(x) if pre and grad_mask[0] else empty()
+    grad_w = torch.empty_like(weight) if pre and grad_mask[1] else empty()
+    grad_b = weight.new_empty((weight.shape[0],)) if pre and grad_mask[2] and bias is not None else empty()
     return loss, lse, grad_x, grad_w, grad_b
 
 
 def _linear_cross_entropy_backward_fake(grad_loss, x, weight, bias, target, class_weight, lse, num_classes,
                                         ignore_index, reduction, label_smoothing, output_mask):
-    empty = x.new_empty((0,))
-    grad_x = torch.empty_like(x) if output_mask[0] else empty
-    grad_w = torch.empty_like(weight) if output_mask[1] else empty
-    grad_b = weight.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else empty
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return x.new_empty((0,))
+
+    grad_x = torch.empty_like(x) if output_mask[0] else empty()
+    grad_w = torch.empty_like(weight) if output_mask[1] else empty()
+    grad_b = weight.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else empty()
     return grad_x, grad_w, grad_b
 
 

@@ -58,9 +58,11 @@ def _sigmoid_bce_fake(logits, target, weight, pos_weight, reduction):
 
 
 def _sigmoid_bce_backward_fake(grad_loss, logits, target, weight, pos_weight, reduction, output_mask):
-    empty = logits.new_empty((0,))
-    return (torch.empty_like(logits) if output_mask[0] else empty,
-            torch.empty_like(logits) if output_mask[1] else empty)
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return logits.new_empty((0,))
+
+    return (torch.empty_like(logits) if output_mask[0] else empty(),
+            torch.empty_like(logits) if output_mask[1] else empty())
 
 
 def _setup_context(ctx, inputs, output):
