@@ -1,6 +1,7 @@
 """softmax_cross_entropy and linear_cross_entropy (the classifier head): wrappers, fake kernels and autograd.
 
-The wrappers check arguments the way F.cross_entropy / F.linear_cross_entropy do (same exception types), move
+Autograd is registered in C++ (csrc/loss_autograd.cpp): at the tutorial shapes a Python autograd formula would
+cost more than the loss. The wrappers check arguments the way F.cross_entropy / F.linear_cross_entropy do (same exception types), move
 the class dimension last and flatten to (rows, C) (a view for (N, C) inputs, one copy for K-dimensional ones),
 and call the fused ops, which work on (rows, C) row-major logits.
 """
@@ -10,7 +11,7 @@ import math
 import torch
 
 from .. import _lib
-from ._common import check_devices, check_number, empty_if_unneeded
+from ._common import check_devices, check_number
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -178,21 +179,6 @@ def _softmax_cross_entropy_backward_fake(grad_loss, logits, target, weight, lse,
     return grad, grad_target
 
 
-def _sce_setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, reduction, label_smoothing = inputs
-    ctx.save_for_backward(logits, target, weight, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.options = (ignore_index, reduction, label_smoothing)
-
-
-def _sce_backward(ctx, grad_loss, _grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.is_floating_point()]
-    grad, grad_target = torch.ops.fastmnist.softmax_cross_entropy_backward(grad_loss, logits, target, weight, lse,
-                                                                           *ctx.options, mask)
-    return empty_if_unneeded(mask[0], grad), empty_if_unneeded(mask[1], grad_target), None, None, None, None
-
-
 def _linear_cross_entropy_fake(x, weight, bias, target, class_weight, num_classes, ignore_index, reduction,
                                label_smoothing, grad_mask):
     rows = x.shape[0] * (weight.shape[0] // num_classes)
@@ -219,35 +205,8 @@ def _linear_cross_entropy_backward_fake(grad_loss, x, weight, bias, target, clas
     return grad_x, grad_w, grad_b
 
 
-def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, class_weight, num_classes, ignore_index, reduction, label_smoothing, grad_mask = inputs
-    _, lse, grad_x, grad_w, grad_b = output
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, weight, bias, target, class_weight, lse, grad_x, grad_w, grad_b)
-    ctx.options = (num_classes, ignore_index, reduction, label_smoothing)
-    ctx.grad_mask = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
-
-
-def _lce_backward(ctx, grad_loss, *_unused):
-    x, weight, bias, target, class_weight, lse, pre_x, pre_w, pre_b = ctx.saved_tensors
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-    reduction = ctx.options[2]
-    if reduction != 0 and all(m or not n for m, n in zip(ctx.grad_mask, needs)):
-        # forward computed the gradients for grad_loss = 1
-        grads = [grad_loss * g if n else None for g, n in zip((pre_x, pre_w, pre_b), needs)]
-    else:
-        out = torch.ops.fastmnist.linear_cross_entropy_backward(grad_loss, x, weight, bias, target, class_weight, lse,
-                                                                *ctx.options, list(needs))
-        grads = [g if n else None for g, n in zip(out, needs)]
-    return (*grads, None, None, None, None, None, None, None)
-
-
 if _lib.LOADED:
     torch.library.register_fake("fastmnist::softmax_cross_entropy")(_softmax_cross_entropy_fake)
     torch.library.register_fake("fastmnist::softmax_cross_entropy_backward")(_softmax_cross_entropy_backward_fake)
-    torch.library.register_autograd("fastmnist::softmax_cross_entropy", _sce_backward,
-                                    setup_context=_sce_setup_context)
     torch.library.register_fake("fastmnist::linear_cross_entropy")(_linear_cross_entropy_fake)
     torch.library.register_fake("fastmnist::linear_cross_entropy_backward")(_linear_cross_entropy_backward_fake)
-    torch.library.register_autograd("fastmnist::linear_cross_entropy", _lce_backward,
-                                    setup_context=_lce_setup_context)

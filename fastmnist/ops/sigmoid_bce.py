@@ -1,12 +1,12 @@
 """sigmoid_bce: the fused, stable sigmoid + binary cross-entropy (F.binary_cross_entropy_with_logits), with its
-autograd and fake kernels."""
+fake kernels (autograd is registered in C++, csrc/loss_autograd.cpp)."""
 
 import math
 
 import torch
 
 from .. import _lib
-from ._common import check_devices, empty_if_unneeded
+from ._common import check_devices
 from .cross_entropy import _check_not_differentiable, reduction_code
 
 
@@ -65,21 +65,6 @@ def _sigmoid_bce_backward_fake(grad_loss, logits, target, weight, pos_weight, re
             torch.empty_like(logits) if output_mask[1] else empty())
 
 
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, pos_weight, reduction = inputs
-    ctx.save_for_backward(logits, target, weight, pos_weight)
-    ctx.reduction = reduction
-
-
-def _backward(ctx, grad_loss):
-    logits, target, weight, pos_weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    grad_x, grad_t = torch.ops.fastmnist.sigmoid_bce_backward(grad_loss, logits, target, weight, pos_weight,
-                                                              ctx.reduction, mask)
-    return empty_if_unneeded(mask[0], grad_x), empty_if_unneeded(mask[1], grad_t), None, None, None
-
-
 if _lib.LOADED:
     torch.library.register_fake("fastmnist::sigmoid_bce")(_sigmoid_bce_fake)
     torch.library.register_fake("fastmnist::sigmoid_bce_backward")(_sigmoid_bce_backward_fake)
-    torch.library.register_autograd("fastmnist::sigmoid_bce", _backward, setup_context=_setup_context)
