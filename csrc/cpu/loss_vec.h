@@ -120,7 +120,7 @@ FASTMNIST_INLINE void store_partial(T* p, Vec<T> v, int64_t n) {
 // caller guarantees that a whole vector at p may be read (the row is not the last one it touches): the tail is
 // then one load blended with `mask` (lanes < n), instead of a lane-by-lane copy and its store-forwarding stall.
 template <typename T>
-FASTMNIST_INLINE Vec<T> load_n(const T* p, int64_t n, T fill, bool overread = false, IntVec<T> mask = {}) {
+FASTMNIST_INLINE Vec<T> load_n(const T* p, int64_t n, T fill, bool overread, IntVec<T> mask) {
   if (n == kWidth<T>) return load<T>(p);
   if (overread) return mask ? load<T>(p) : broadcast<T>(fill);
   return load_partial<T>(p, n, fill);
@@ -129,11 +129,25 @@ FASTMNIST_INLINE Vec<T> load_n(const T* p, int64_t n, T fill, bool overread = fa
 // Stores the first n lanes of v. With `overread` the caller guarantees that the elements past n belong to rows
 // only it touches later: they are written back unchanged in one blended store.
 template <typename T>
-FASTMNIST_INLINE void store_n(T* p, Vec<T> v, int64_t n, bool overread = false, IntVec<T> mask = {}) {
+FASTMNIST_INLINE void store_n(T* p, Vec<T> v, int64_t n, bool overread, IntVec<T> mask) {
   if (n == kWidth<T>) {
     store<T>(p, v);
   } else if (overread) {
     store<T>(p, mask ? v : load<T>(p));
+  } else {
+    store_partial<T>(p, v, n);
+  }
+}
+
+template <typename T>
+FASTMNIST_INLINE Vec<T> load_n(const T* p, int64_t n, T fill) {
+  return n == kWidth<T> ? load<T>(p) : load_partial<T>(p, n, fill);
+}
+
+template <typename T>
+FASTMNIST_INLINE void store_n(T* p, Vec<T> v, int64_t n) {
+  if (n == kWidth<T>) {
+    store<T>(p, v);
   } else {
     store_partial<T>(p, v, n);
   }
