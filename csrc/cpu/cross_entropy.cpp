@@ -50,7 +50,7 @@ struct CERows {
   int64_t C;
   const int64_t* y;    // class-index targets (rows,), or null
   const T* q;          // probability targets (rows, C), or null
-  const T* w;          // class weights (C,), or null
+  const T* w;          // class weights (C,) padded with zeros to a whole vector, or null
   int64_t ignore_index;
   T eps;               // label smoothing
   T w_sum;             // sum of the class weights (C without weights)
@@ -64,55 +64,69 @@ struct CERows {
   T* grad_q;           // gradient of the probability targets
 };
 
-// Row log-sum-exp in one pass: per lane a running max M and sum S of exp(x - M); blocks of four vectors
-// share one rescale. A lane whose max is still -inf shifts by 0 instead (so -inf - -inf never occurs there).
+// Row log-sum-exp in one pass. A row of at most four vectors (10 classes: two) is held in registers: its max,
+// then the sum of exp(x - max). Longer rows keep per lane a running max M and sum S of exp(x - M), rescaled
+// once per block of four vectors (the last block padded with -inf). A max of -inf shifts by 0 instead (so
+// -inf - -inf never occurs); NaN anywhere in the row gives NaN, an all -inf row gives -inf (and NaN losses).
 template <typename T>
-FASTMNIST_INLINE double row_lse(const T* x, int64_t C) {
+FASTMNIST_INLINE double row_lse(const T* x, int64_t C, bool over, IntVec<T> tail) {
   constexpr int W = kWidth<T>;
   constexpr T ninf = -std::numeric_limits<T>::infinity();
   const Vec<T> zero = cpu::broadcast<T>(T(0));
-  Vec<T> M = cpu::broadcast<T>(ninf), S = zero;
-  int64_t j = 0;
-  for (; j + 4 * W <= C; j += 4 * W) {
-    Vec<T> a = cpu::load<T>(x + j), b = cpu::load<T>(x + j + W);
-    Vec<T> c = cpu::load<T>(x + j + 2 * W), d = cpu::load<T>(x + j + 3 * W);
-    Vec<T> m = cpu::vmax<T>(M, cpu::vmax<T>(cpu::vmax<T>(a, b), cpu::vmax<T>(c, d)));
-    Vec<T> sh = m == ninf ? zero : m;
-    S = S * cpu::vexp0<T>(M - sh) +
-        ((cpu::vexp0<T>(a - sh) + cpu::vexp0<T>(b - sh)) + (cpu::vexp0<T>(c - sh) + cpu::vexp0<T>(d - sh)));
+  const Vec<T> minus_inf = cpu::broadcast<T>(ninf);
+  auto load_block = [&](int64_t j, Vec<T> v[4]) FASTMNIST_LAMBDA_INLINE {
+    if (j + 4 * W <= C) {
+      for (int i = 0; i < 4; ++i) v[i] = cpu::load<T>(x + j + i * W);
+    } else {
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = std::min<int64_t>(W, C - j - i * W);
+        v[i] = n > 0 ? cpu::load_n<T>(x + j + i * W, n, ninf, over, tail) : minus_inf;
+      }
+    }
+  };
+  auto block_max = [](const Vec<T> v[4]) FASTMNIST_LAMBDA_INLINE {
+    return cpu::vmax<T>(cpu::vmax<T>(v[0], v[1]), cpu::vmax<T>(v[2], v[3]));
+  };
+  // sum of exp(v - sh) over the vectors of the block that hold logits
+  auto block_exp = [&](int64_t j, const Vec<T> v[4], Vec<T> sh) FASTMNIST_LAMBDA_INLINE {
+    Vec<T> e = cpu::vexp0<T>(v[0] - sh);
+    for (int i = 1; i < 4 && j + i * W < C; ++i) e += cpu::vexp0<T>(v[i] - sh);
+    return e;
+  };
+  Vec<T> v[4];
+  if (C <= 4 * W) {
+    load_block(0, v);
+    const T m = cpu::hmax<T>(block_max(v));
+    const T sh = m == ninf ? T(0) : m;
+    return double(m) + std::log(double(cpu::hsum<T>(block_exp(0, v, cpu::broadcast<T>(sh)))));
+  }
+  Vec<T> M = minus_inf, S = zero;
+  for (int64_t j = 0; j < C; j += 4 * W) {
+    load_block(j, v);
+    const Vec<T> m = cpu::vmax<T>(M, block_max(v));
+    const Vec<T> sh = m == ninf ? zero : m;
+    const Vec<T> e = block_exp(j, v, sh);
+    S = j == 0 ? e : S * cpu::vexp0<T>(M - sh) + e;
     M = m;
   }
-  for (; j < C; j += W) {
-    Vec<T> a = cpu::load_n<T>(x + j, std::min<int64_t>(W, C - j), ninf);
-    Vec<T> m = cpu::vmax<T>(M, a);
-    Vec<T> sh = m == ninf ? zero : m;
-    S = S * cpu::vexp0<T>(M - sh) + cpu::vexp0<T>(a - sh);
-    M = m;
-  }
-  T m = M[0];
-  bool nan = false;
-  for (int l = 0; l < W; ++l) {
-    m = M[l] > m ? M[l] : m;
-    nan |= std::isnan(M[l]) || std::isnan(S[l]);
-  }
-  if (nan) return std::numeric_limits<double>::quiet_NaN();
-  const double sh = m == ninf ? 0.0 : double(m);
-  double s = 0;
-  for (int l = 0; l < W; ++l) s += double(S[l]) * std::exp(double(M[l]) - sh);
-  return double(m) + std::log(s);
+  const T m = cpu::hmax<T>(M);
+  const T sh = m == ninf ? T(0) : m;
+  const T s = cpu::hsum<T>(S * cpu::vexp0<T>(M - sh));  // NaN lanes of M or S propagate
+  return double(m) + std::log(double(s));
 }
 
 // Loss and/or gradient for rows [r0, r1); see CERows.
 template <typename T>
 struct CrossEntropyRows {
-  // Calls f(j, n, mask) for each vector of a row: n lanes valid (n == W except for the tail).
+  // Calls f(j, n, mask) for each vector of a row: n lanes valid (n == W except for the tail, whose lanes are
+  // `tail`).
   template <typename F>
-  static FASTMNIST_INLINE void each_vec(int64_t C, F&& f) {
+  static FASTMNIST_INLINE void each_vec(int64_t C, IntVec<T> tail, F&& f) {
     constexpr int W = kWidth<T>;
     const IntVec<T> all = cpu::lane_mask<T>(W);
     int64_t j = 0;
     for (; j + W <= C; j += W) f(j, int64_t(W), all);
-    if (j < C) f(j, C - j, cpu::lane_mask<T>(C - j));
+    if (j < C) f(j, C - j, tail);
   }
 
   static FASTMNIST_INLINE void run(CERows<T> p, int64_t r0, int64_t r1) {
@@ -120,9 +134,13 @@ struct CrossEntropyRows {
     const int64_t C = p.C;
     const T uniform = p.eps / T(C);
     const Vec<T> zero = cpu::broadcast<T>(T(0));
+    const IntVec<T> tail = cpu::lane_mask<T>(C % kWidth<T>);
     for (int64_t r = r0; r < r1; ++r) {
+      // Rows before the last of this range may read and write back (unchanged) a vector past their end: it lies
+      // in the next row, which this call handles later.
+      const bool over = r + 1 < r1;
       const T* x = p.x + r * C;
-      const double lse = p.lse_in ? p.lse[r] : row_lse<T>(x, C);
+      const double lse = p.lse_in ? p.lse[r] : row_lse<T>(x, C, over, tail);
       if (!p.lse_in) p.lse[r] = lse;
       // logp = (x - hi) - lo with hi + lo = lse: exact for the logits that matter (those near the max)
       const T hi = T(lse);
@@ -143,45 +161,47 @@ struct CrossEntropyRows {
         const Vec<T> a_v = cpu::broadcast<T>(a), su_v = cpu::broadcast<T>(su);
         Vec<T> acc = zero;
         if (smooth_loss || g != nullptr) {
-          each_vec(C, [&](int64_t j, int64_t n, IntVec<T> mask) {
-            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf) - hi_v) - lo_v;
-            Vec<T> wv = p.w != nullptr ? cpu::load_n<T>(p.w + j, n, T(0)) : cpu::broadcast<T>(T(1));
+          each_vec(C, tail, [&](int64_t j, int64_t n, IntVec<T> mask) FASTMNIST_LAMBDA_INLINE {
+            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf, over, mask) - hi_v) - lo_v;
+            Vec<T> wv = p.w != nullptr ? cpu::load_n<T>(p.w + j, n, T(0), true, mask) : cpu::broadcast<T>(T(1));
             if (smooth_loss) acc += cpu::select<T>(mask, wv * logp, zero);
-            if (g != nullptr) cpu::store_n<T>(g + j, cpu::vexp0<T>(logp) * a_v - wv * su_v, n);
+            if (g != nullptr) cpu::store_n<T>(g + j, cpu::vexp0<T>(logp) * a_v - wv * su_v, n, over, mask);
           });
         }
         if (g != nullptr && !ignored) g[y] -= s * onehot;
         if (p.loss != nullptr) {
-          p.loss[r] = ignored ? T(0) : -onehot * logp_y - (smooth_loss ? uniform * cpu::reduce_add<T>(acc) : T(0));
+          p.loss[r] = ignored ? T(0) : -onehot * logp_y - (smooth_loss ? uniform * cpu::hsum<T>(acc) : T(0));
         }
       } else {
         const T* q = p.q + r * C;
         const T keep = T(1) - p.eps;
-        auto target = [&](int64_t j, int64_t n) {
-          Vec<T> t = cpu::load_n<T>(q + j, n, T(0)) * keep + uniform;
-          return p.w != nullptr ? t * cpu::load_n<T>(p.w + j, n, T(0)) : t;
+        auto target = [&](int64_t j, int64_t n, IntVec<T> mask) FASTMNIST_LAMBDA_INLINE {
+          Vec<T> t = cpu::load_n<T>(q + j, n, T(0), over, mask) * keep + uniform;
+          return p.w != nullptr ? t * cpu::load_n<T>(p.w + j, n, T(0), true, mask) : t;
         };
         Vec<T> t_sum = zero, acc = zero;
-        each_vec(C, [&](int64_t j, int64_t n, IntVec<T> mask) {
-          Vec<T> t = target(j, n);
+        each_vec(C, tail, [&](int64_t j, int64_t n, IntVec<T> mask) FASTMNIST_LAMBDA_INLINE {
+          Vec<T> t = target(j, n, mask);
           t_sum += cpu::select<T>(mask, t, zero);
           if (p.loss != nullptr) {
-            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf) - hi_v) - lo_v;
+            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf, over, mask) - hi_v) - lo_v;
             acc += cpu::select<T>(mask, t * logp, zero);
           }
         });
-        if (p.loss != nullptr) p.loss[r] = -cpu::reduce_add<T>(acc);
+        if (p.loss != nullptr) p.loss[r] = -cpu::hsum<T>(acc);
         if (g != nullptr || p.grad_q != nullptr) {
-          const Vec<T> a_v = cpu::broadcast<T>(s * cpu::reduce_add<T>(t_sum)), s_v = cpu::broadcast<T>(s);
+          const Vec<T> a_v = cpu::broadcast<T>(s * cpu::hsum<T>(t_sum)), s_v = cpu::broadcast<T>(s);
           const Vec<T> sq_v = cpu::broadcast<T>(-s * keep);
           T* gq = p.grad_q != nullptr ? p.grad_q + r * C : nullptr;
-          each_vec(C, [&](int64_t j, int64_t n, IntVec<T>) {
-            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf) - hi_v) - lo_v;
+          each_vec(C, tail, [&](int64_t j, int64_t n, IntVec<T> mask) FASTMNIST_LAMBDA_INLINE {
+            Vec<T> logp = (cpu::load_n<T>(x + j, n, ninf, over, mask) - hi_v) - lo_v;
             if (gq != nullptr) {
-              Vec<T> wq = p.w != nullptr ? sq_v * cpu::load_n<T>(p.w + j, n, T(0)) : sq_v;
-              cpu::store_n<T>(gq + j, wq * logp, n);
+              Vec<T> wq = p.w != nullptr ? sq_v * cpu::load_n<T>(p.w + j, n, T(0), true, mask) : sq_v;
+              cpu::store_n<T>(gq + j, wq * logp, n, over, mask);
             }
-            if (g != nullptr) cpu::store_n<T>(g + j, cpu::vexp0<T>(logp) * a_v - s_v * target(j, n), n);
+            if (g != nullptr) {
+              cpu::store_n<T>(g + j, cpu::vexp0<T>(logp) * a_v - s_v * target(j, n, mask), n, over, mask);
+            }
           });
         }
       }
@@ -203,6 +223,14 @@ double check_targets_and_weight_sum(const char* op, const int64_t* y, int64_t ro
     total += w != nullptr ? double(w[t]) : 1.0;
   }
   return total;
+}
+
+// Class weights padded with zeros to a multiple of 8 elements: the kernels read them in whole vectors.
+at::Tensor padded_class_weight(const at::Tensor& w) {
+  const int64_t C = w.size(0);
+  at::Tensor out = at::zeros({(C + 7) / 8 * 8}, w.options());
+  out.narrow(0, 0, C).copy_(w);
+  return out;
 }
 
 struct Normalised {
@@ -237,7 +265,7 @@ Normalised check_ce_args(const char* op, const at::Tensor& logits, const at::Ten
     check_same_dtype_device(op, "weight", *weight, "logits", logits);
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n.C, op, ": weight must have one entry per class (", n.C,
                 ",), got shape ", weight->sizes());
-    n.weight = weight->contiguous();
+    n.weight = padded_class_weight(*weight);
   }
   n.x = logits.contiguous();
   n.target = target.contiguous();
@@ -397,7 +425,7 @@ LinearArgs check_linear_ce_args(const char* op, const at::Tensor& x, const at::T
     check_same_dtype_device(op, "class_weight", *class_weight, "x", x);
     TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == a.C, op,
                 ": class_weight must have one entry per class (", a.C, ",), got shape ", class_weight->sizes());
-    a.class_weight = class_weight->contiguous();
+    a.class_weight = padded_class_weight(*class_weight);
   }
   a.x = x.contiguous();
   a.w = weight.contiguous();

@@ -7,16 +7,70 @@
 
 #include <limits>
 
+// For lambdas inside kernels: they must be inlined into the AVX2-compiled caller (a lambda is compiled for the
+// baseline target, and passing 32-byte vectors between the two would not even agree on the ABI).
+#define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline))
+
 namespace fastmnist::cpu {
 
-// exp(x), with exp(x) = 0 below the underflow limit (exp(-inf) = 0) and NaN kept: softmax rows with -inf
-// logits and all-(-inf) rows then give eager's results (simd.h's vexp clamps, which is right for activations).
+// exp(x) = 2^n exp(r), x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial (degree 7 for float, 12
+// for double, as simd.h's vexp) in Horner form with the coefficients 1/k! precomputed: one multiply-add per
+// degree. Unlike vexp, exp(x) = 0 below the underflow limit (exp(-inf) = 0) and NaN gives NaN: softmax rows
+// with -inf logits and all-(-inf) rows then give eager's results.
 template <typename T>
 FASTMNIST_INLINE Vec<T> vexp0(Vec<T> x) {
-  constexpr T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0);
-  Vec<T> r = vexp<T>(x);
-  r = x < lo ? broadcast<T>(T(0)) : r;
-  return x == x ? r : x;
+  constexpr bool is_float = sizeof(T) == 4;
+  constexpr T hi = is_float ? T(88.0) : T(709.0);
+  constexpr T lo = is_float ? T(-87.0) : T(-708.0);
+  constexpr T log2e = T(1.44269504088896341);
+  constexpr T ln2_hi = is_float ? T(0.693359375) : T(0.693147180369123816490);
+  constexpr T ln2_lo = is_float ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
+  constexpr T magic = is_float ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa: rounds
+  constexpr int degree = is_float ? 7 : 12;
+  const Vec<T> xc = vmin<T>(vmax<T>(x, broadcast<T>(lo)), broadcast<T>(hi));
+  const Vec<T> n = (xc * log2e + magic) - magic;
+  const Vec<T> r = xc - n * ln2_hi - n * ln2_lo;
+  T c[degree + 1];
+  c[0] = T(1);
+  for (int k = 1; k <= degree; ++k) c[k] = c[k - 1] / T(k);
+  Vec<T> p = broadcast<T>(c[degree]);
+  for (int k = degree - 1; k >= 0; --k) p = p * r + c[k];
+  using I = std::conditional_t<is_float, int32_t, int64_t>;
+  constexpr int mantissa = is_float ? 23 : 52;
+  constexpr I bias = is_float ? 127 : 1023;
+  const IntVec<T> e = (__builtin_convertvector(n, IntVec<T>) + bias) << mantissa;
+  Vec<T> scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  Vec<T> out = p * scale;
+  out = x < lo ? broadcast<T>(T(0)) : out;
+  return x == x ? out : x;
+}
+
+// Horizontal max and sum of the lanes, by halving shuffles.
+template <typename T>
+FASTMNIST_INLINE T hmax(Vec<T> v) {
+  if constexpr (sizeof(T) == 4) {
+    v = vmax<T>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = vmax<T>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = vmax<T>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+  } else {
+    v = vmax<T>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+    v = vmax<T>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+  }
+  return v[0];
+}
+
+template <typename T>
+FASTMNIST_INLINE T hsum(Vec<T> v) {
+  if constexpr (sizeof(T) == 4) {
+    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  } else {
+    v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
+    v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2);
+  }
+  return v[0];
 }
 
 // log1p(u) for u in [0, 1]: 2 atanh(f), f = u / (2 + u) in [0, 1/3], by its odd series (7 terms for float,
@@ -51,8 +105,7 @@ FASTMNIST_INLINE IntVec<T> lane_mask(int64_t n) {
 template <typename T>
 FASTMNIST_INLINE Vec<T> load_partial(const T* p, int64_t n, T fill) {
   T buf[kWidth<T>];
-  for (int i = 0; i < kWidth<T>; ++i) buf[i] = fill;
-  std::memcpy(buf, p, n * sizeof(T));
+  for (int i = 0; i < kWidth<T>; ++i) buf[i] = i < n ? p[i] : fill;
   return load<T>(buf);
 }
 
@@ -60,10 +113,32 @@ template <typename T>
 FASTMNIST_INLINE void store_partial(T* p, Vec<T> v, int64_t n) {
   T buf[kWidth<T>];
   store<T>(buf, v);
-  std::memcpy(p, buf, n * sizeof(T));
+  for (int i = 0; i < n; ++i) p[i] = buf[i];
 }
 
-// Loads n elements (n == kWidth: a full vector) with `fill` in the unused lanes.
+// Loads n <= kWidth elements (n == kWidth: a full vector) with `fill` in the unused lanes. With `overread` the
+// caller guarantees that a whole vector at p may be read (the row is not the last one it touches): the tail is
+// then one load blended with `mask` (lanes < n), instead of a lane-by-lane copy and its store-forwarding stall.
+template <typename T>
+FASTMNIST_INLINE Vec<T> load_n(const T* p, int64_t n, T fill, bool overread, IntVec<T> mask) {
+  if (n == kWidth<T>) return load<T>(p);
+  if (overread) return mask ? load<T>(p) : broadcast<T>(fill);
+  return load_partial<T>(p, n, fill);
+}
+
+// Stores the first n lanes of v. With `overread` the caller guarantees that the elements past n belong to rows
+// only it touches later: they are written back unchanged in one blended store.
+template <typename T>
+FASTMNIST_INLINE void store_n(T* p, Vec<T> v, int64_t n, bool overread, IntVec<T> mask) {
+  if (n == kWidth<T>) {
+    store<T>(p, v);
+  } else if (overread) {
+    store<T>(p, mask ? v : load<T>(p));
+  } else {
+    store_partial<T>(p, v, n);
+  }
+}
+
 template <typename T>
 FASTMNIST_INLINE Vec<T> load_n(const T* p, int64_t n, T fill) {
   return n == kWidth<T> ? load<T>(p) : load_partial<T>(p, n, fill);

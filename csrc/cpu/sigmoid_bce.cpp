@@ -75,7 +75,7 @@ struct SigmoidBCERows {
           if (p.grad_y != nullptr) cpu::store_n<T>(p.grad_y + r * C + j, s * ((pwv - T(1)) * sp - xv), n);
         }
       }
-      if (p.row_sum != nullptr) p.row_sum[r] = double(cpu::reduce_add<T>(acc));
+      if (p.row_sum != nullptr) p.row_sum[r] = double(cpu::hsum<T>(acc));
     }
   }
 };

@@ -1,6 +1,7 @@
 """softmax_cross_entropy and linear_cross_entropy (the classifier head): wrappers, fake kernels and autograd.
 
-The wrappers check arguments the way F.cross_entropy / F.linear_cross_entropy do (same exception types), move
+Autograd is registered in C++ (csrc/loss_autograd.cpp): at the tutorial shapes a Python autograd formula would
+cost more than the loss. The wrappers check arguments the way F.cross_entropy / F.linear_cross_entropy do (same exception types), move
 the class dimension last and flatten to (rows, C) (a view for (N, C) inputs, one copy for K-dimensional ones),
 and call the fused ops, which work on (rows, C) row-major logits.
 """
@@ -10,7 +11,7 @@ import math
 import torch
 
 from .. import _lib
-from ._common import check_devices, check_number, empty_if_unneeded
+from ._common import check_devices, check_number
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -80,6 +81,18 @@ def normalise_targets(op, logits_shape, logits_dtype, target, weight, ignore_ind
     return target.reshape(-1), tuple(target.shape), False
 
 
+def _overload(name):
+    return getattr(torch.ops.fastmnist, name).default if _lib.LOADED else None
+
+
+_SCE = _overload("softmax_cross_entropy")
+_LCE = _overload("linear_cross_entropy")
+
+
+def _plain_cpu(*tensors):
+    return not _lib.WITH_CUDA and all(t.device.type == "cpu" for t in tensors)
+
+
 def softmax_cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Fused, numerically stable ``F.cross_entropy(logits, target, weight, ignore_index=..., reduction=...,
     label_smoothing=...)``.
@@ -87,6 +100,19 @@ def softmax_cross_entropy(logits, target, weight=None, ignore_index=-100, reduct
     logits: (C,), (N, C) or (N, C, d1, ...), float32 or float64. target: class indices (int64, shape (), (N,) or
     (N, d1, ...)) or class probabilities (the shape of logits). weight: (C,) class weights (not differentiable).
     """
+    # Fast path for the common call (the loss runs once per step on tiny tensors, where Python checks show):
+    # (N, C) logits, (N,) int64 targets, no class weights or smoothing. It checks what the general path checks.
+    if (weight is None and label_smoothing == 0.0 and isinstance(reduction, str) and reduction in REDUCTIONS
+            and _SCE is not None and logits.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64
+            and target.shape[0] == logits.shape[0] and not isinstance(label_smoothing, bool)
+            and _plain_cpu(logits, target)):
+        code = REDUCTIONS[reduction]
+        return _SCE(logits, target, None, ignore_index, code, 0.0)[0]
+    return _softmax_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing)
+
+
+def _softmax_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing):
+    """The general path of softmax_cross_entropy."""
     op = "softmax_cross_entropy"
     code = reduction_code(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
@@ -99,8 +125,7 @@ def softmax_cross_entropy(logits, target, weight=None, ignore_index=-100, reduct
         logits2d = logits
     else:
         logits2d = logits.movedim(1, -1).reshape(-1, logits.shape[1])
-    loss, _ = torch.ops.fastmnist.softmax_cross_entropy(logits2d, target2d, weight, ignore_index, code,
-                                                        label_smoothing)
+    loss = _SCE(logits2d, target2d, weight, ignore_index, code, label_smoothing)[0]
     return loss.view(none_shape) if code == 0 else loss
 
 
@@ -156,8 +181,7 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, *, weig
             b = b.reshape(num_classes, d).t().reshape(-1)
     grad = torch.is_grad_enabled()
     mask = [grad and x.requires_grad, grad and w.requires_grad, grad and b is not None and b.requires_grad]
-    loss = torch.ops.fastmnist.linear_cross_entropy(x, w, b, target2d, weight, num_classes, ignore_index, code,
-                                                    label_smoothing, mask)[0]
+    loss = _LCE(x, w, b, target2d, weight, num_classes, ignore_index, code, label_smoothing, mask)[0]
     return loss.view(none_shape) if code == 0 else loss
 
 
@@ -170,25 +194,12 @@ def _softmax_cross_entropy_fake(logits, target, weight, ignore_index, reduction,
 
 def _softmax_cross_entropy_backward_fake(grad_loss, logits, target, weight, lse, ignore_index, reduction,
                                          label_smoothing, output_mask):
-    empty = logits.new_empty((0,))
-    grad = torch.empty_like(logits) if output_mask[0] else empty
-    grad_target = torch.empty_like(logits) if output_mask[1] and target.is_floating_point() else empty
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return logits.new_empty((0,))
+
+    grad = torch.empty_like(logits) if output_mask[0] else empty()
+    grad_target = torch.empty_like(logits) if output_mask[1] and target.is_floating_point() else empty()
     return grad, grad_target
-
-
-def _sce_setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, reduction, label_smoothing = inputs
-    ctx.save_for_backward(logits, target, weight, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.options = (ignore_index, reduction, label_smoothing)
-
-
-def _sce_backward(ctx, grad_loss, _grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.is_floating_point()]
-    grad, grad_target = torch.ops.fastmnist.softmax_cross_entropy_backward(grad_loss, logits, target, weight, lse,
-                                                                           *ctx.options, mask)
-    return empty_if_unneeded(mask[0], grad), empty_if_unneeded(mask[1], grad_target), None, None, None, None
 
 
 def _linear_cross_entropy_fake(x, weight, bias, target, class_weight, num_classes, ignore_index, reduction,
@@ -196,52 +207,29 @@ def _linear_cross_entropy_fake(x, weight, bias, target, class_weight, num_classe
     rows = x.shape[0] * (weight.shape[0] // num_classes)
     loss = x.new_empty((rows,)) if reduction == 0 else x.new_empty(())
     lse = x.new_empty((rows,), dtype=torch.float64)
-    empty = x.new_empty((0,))
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return x.new_empty((0,))
+
     pre = reduction != 0
-    grad_x = torch.empty_like(x) if pre and grad_mask[0] else empty
-    grad_w = torch.empty_like(weight) if pre and grad_mask[1] else empty
-    grad_b = weight.new_empty((weight.shape[0],)) if pre and grad_mask[2] and bias is not None else empty
+    grad_x = torch.empty_like(x) if pre and grad_mask[0] else empty()
+    grad_w = torch.empty_like(weight) if pre and grad_mask[1] else empty()
+    grad_b = weight.new_empty((weight.shape[0],)) if pre and grad_mask[2] and bias is not None else empty()
     return loss, lse, grad_x, grad_w, grad_b
 
 
 def _linear_cross_entropy_backward_fake(grad_loss, x, weight, bias, target, class_weight, lse, num_classes,
                                         ignore_index, reduction, label_smoothing, output_mask):
-    empty = x.new_empty((0,))
-    grad_x = torch.empty_like(x) if output_mask[0] else empty
-    grad_w = torch.empty_like(weight) if output_mask[1] else empty
-    grad_b = weight.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else empty
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return x.new_empty((0,))
+
+    grad_x = torch.empty_like(x) if output_mask[0] else empty()
+    grad_w = torch.empty_like(weight) if output_mask[1] else empty()
+    grad_b = weight.new_empty((weight.shape[0],)) if output_mask[2] and bias is not None else empty()
     return grad_x, grad_w, grad_b
-
-
-def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, class_weight, num_classes, ignore_index, reduction, label_smoothing, grad_mask = inputs
-    _, lse, grad_x, grad_w, grad_b = output
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, weight, bias, target, class_weight, lse, grad_x, grad_w, grad_b)
-    ctx.options = (num_classes, ignore_index, reduction, label_smoothing)
-    ctx.grad_mask = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
-
-
-def _lce_backward(ctx, grad_loss, *_unused):
-    x, weight, bias, target, class_weight, lse, pre_x, pre_w, pre_b = ctx.saved_tensors
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-    reduction = ctx.options[2]
-    if reduction != 0 and all(m or not n for m, n in zip(ctx.grad_mask, needs)):
-        # forward computed the gradients for grad_loss = 1
-        grads = [grad_loss * g if n else None for g, n in zip((pre_x, pre_w, pre_b), needs)]
-    else:
-        out = torch.ops.fastmnist.linear_cross_entropy_backward(grad_loss, x, weight, bias, target, class_weight, lse,
-                                                                *ctx.options, list(needs))
-        grads = [g if n else None for g, n in zip(out, needs)]
-    return (*grads, None, None, None, None, None, None, None)
 
 
 if _lib.LOADED:
     torch.library.register_fake("fastmnist::softmax_cross_entropy")(_softmax_cross_entropy_fake)
     torch.library.register_fake("fastmnist::softmax_cross_entropy_backward")(_softmax_cross_entropy_backward_fake)
-    torch.library.register_autograd("fastmnist::softmax_cross_entropy", _sce_backward,
-                                    setup_context=_sce_setup_context)
     torch.library.register_fake("fastmnist::linear_cross_entropy")(_linear_cross_entropy_fake)
     torch.library.register_fake("fastmnist::linear_cross_entropy_backward")(_linear_cross_entropy_backward_fake)
-    torch.library.register_autograd("fastmnist::linear_cross_entropy", _lce_backward,
-                                    setup_context=_lce_setup_context)

@@ -1,13 +1,13 @@
 """sigmoid_bce: the fused, stable sigmoid + binary cross-entropy (F.binary_cross_entropy_with_logits), with its
-autograd and fake kernels."""
+fake kernels (autograd is registered in C++, csrc/loss_autograd.cpp)."""
 
 import math
 
 import torch
 
 from .. import _lib
-from ._common import check_devices, empty_if_unneeded
-from .cross_entropy import _check_not_differentiable, reduction_code
+from ._common import check_devices
+from .cross_entropy import REDUCTIONS, _check_not_differentiable, reduction_code
 
 
 def _per_class(op, name, t, shape):
@@ -29,10 +29,19 @@ def _per_class(op, name, t, shape):
     return t.expand(shape).reshape(math.prod(shape[:-1]), c)
 
 
+_BCE = torch.ops.fastmnist.sigmoid_bce.default if _lib.LOADED else None
+
+
 def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
     """Fused, numerically stable ``F.binary_cross_entropy_with_logits(logits, target, weight, reduction=...,
     pos_weight=...)``. weight and pos_weight broadcast to the input's shape (not differentiable); the loss is
     differentiable in logits and target."""
+    # Fast path for the common call: (N, C) logits and targets of one dtype, no weights, on the CPU.
+    if (weight is None and pos_weight is None and isinstance(reduction, str) and reduction in REDUCTIONS
+            and _BCE is not None and logits.dim() == 2 and target.shape == logits.shape
+            and target.dtype == logits.dtype and not _lib.WITH_CUDA and logits.device.type == "cpu"
+            and target.device.type == "cpu"):
+        return _BCE(logits, target, None, None, REDUCTIONS[reduction])
     op = "sigmoid_bce"
     code = reduction_code(reduction)
     if target.shape != logits.shape:
@@ -49,7 +58,7 @@ def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
     w = _per_class(op, "weight", weight, shape)
     pw = _per_class(op, "pos_weight", pos_weight, shape)
     rows = math.prod(shape[:-1])
-    loss = torch.ops.fastmnist.sigmoid_bce(logits.reshape(rows, c), target.reshape(rows, c), w, pw, code)
+    loss = _BCE(logits.reshape(rows, c), target.reshape(rows, c), w, pw, code)
     return loss.view(shape) if code == 0 else loss
 
 
@@ -58,26 +67,13 @@ def _sigmoid_bce_fake(logits, target, weight, pos_weight, reduction):
 
 
 def _sigmoid_bce_backward_fake(grad_loss, logits, target, weight, pos_weight, reduction, output_mask):
-    empty = logits.new_empty((0,))
-    return (torch.empty_like(logits) if output_mask[0] else empty,
-            torch.empty_like(logits) if output_mask[1] else empty)
+    def empty():  # a distinct tensor per output: outputs must not alias
+        return logits.new_empty((0,))
 
-
-def _setup_context(ctx, inputs, output):
-    logits, target, weight, pos_weight, reduction = inputs
-    ctx.save_for_backward(logits, target, weight, pos_weight)
-    ctx.reduction = reduction
-
-
-def _backward(ctx, grad_loss):
-    logits, target, weight, pos_weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    grad_x, grad_t = torch.ops.fastmnist.sigmoid_bce_backward(grad_loss, logits, target, weight, pos_weight,
-                                                              ctx.reduction, mask)
-    return empty_if_unneeded(mask[0], grad_x), empty_if_unneeded(mask[1], grad_t), None, None, None
+    return (torch.empty_like(logits) if output_mask[0] else empty(),
+            torch.empty_like(logits) if output_mask[1] else empty())
 
 
 if _lib.LOADED:
     torch.library.register_fake("fastmnist::sigmoid_bce")(_sigmoid_bce_fake)
     torch.library.register_fake("fastmnist::sigmoid_bce_backward")(_sigmoid_bce_backward_fake)
-    torch.library.register_autograd("fastmnist::sigmoid_bce", _backward, setup_context=_setup_context)

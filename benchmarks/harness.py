@@ -1,0 +1,167 @@
+"""One benchmark harness for every fastmnist benchmark.
+
+Candidates of one case (the eager baseline first) are timed with torch.utils.benchmark, interleaved round by
+round in one process, so that drifting machine load hits them alike; each round gives a median, and the case
+reports the median over rounds with the spread (min and max of the round medians). Ratios are baseline time
+over candidate time (> 1 means faster than the baseline). Results are written as JSON stamped with the
+machine, torch version and git commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as tbench
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark case: a name, the baseline and the candidates, each a zero-argument callable."""
+
+    name: str
+    baseline: tuple[str, Callable[[], object]]
+    candidates: list[tuple[str, Callable[[], object]]]
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stamp(device: str = "cpu") -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "commit": git_commit(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    if not device.startswith("cuda"):
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def time_compile(fn: Callable[[], object]) -> float:
+    """Seconds for the first call of a torch.compile'd callable (compilation included)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_case(case: Case, rounds: int = 5, min_run_time: float = 0.1, device: str = "cpu") -> dict:
+    """Times the case's callables interleaved, `rounds` times each; returns its result row."""
+    entries = [case.baseline, *case.candidates]
+    for _, fn in entries:  # warm up: first-call allocations, lazy initialisation
+        fn()
+    per_round: dict[str, list[float]] = {label: [] for label, _ in entries}
+    for _ in range(rounds):
+        for label, fn in entries:
+            timer = tbench.Timer(stmt="fn()", globals={"fn": _synchronized(fn, device)})
+            per_round[label].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    base_label = case.baseline[0]
+    base = statistics.median(per_round[base_label])
+    timings = {}
+    for label, samples in per_round.items():
+        median = statistics.median(samples)
+        timings[label] = {
+            "median_us": median * 1e6,
+            "min_us": min(samples) * 1e6,
+            "max_us": max(samples) * 1e6,
+            "ratio_vs_baseline": base / median,
+        }
+    return {"case": case.name, "baseline": base_label, "info": case.info, "timings": timings}
+
+
+def run_cases(cases: list[Case], rounds: int = 5, min_run_time: float = 0.1, device: str = "cpu",
+              verbose: bool = True) -> list[dict]:
+    rows = []
+    for case in cases:
+        row = run_case(case, rounds=rounds, min_run_time=min_run_time, device=device)
+        rows.append(row)
+        if verbose:
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['case']:<44}"]
+    for label, t in row["timings"].items():
+        ratio = "" if label == row["baseline"] else f" ({t['ratio_vs_baseline']:.2f}x)"
+        parts.append(f"{label} {t['median_us']:9.1f} us{ratio}")
+    return " | ".join(parts)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A table with each candidate's median time and its ratio against the baseline."""
+    labels = list(rows[0]["timings"]) if rows else []
+    head = "| case | " + " | ".join(f"{label} (us)" for label in labels) + " |"
+    lines = [head, "|" + "---|" * (len(labels) + 1)]
+    for row in rows:
+        cells = []
+        for label in labels:
+            t = row["timings"].get(label)
+            if t is None:
+                cells.append("")
+            elif label == row["baseline"]:
+                cells.append(f"{t['median_us']:.1f}")
+            else:
+                cells.append(f"{t['median_us']:.1f} ({t['ratio_vs_baseline']:.2f}x)")
+        lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], out_dir: Path | str = RESULTS_DIR, device: str = "cpu",
+                  extra: dict | None = None) -> Path:
+    """Writes `<out_dir>/<name>.json` (stamp + rows) and `<name>.md` (the table); returns the JSON path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = {"benchmark": name, "stamp": stamp(device), "rows": rows, **(extra or {})}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    s = document["stamp"]
+    header = (f"# {name}\n\n{s['machine']}, torch {s['torch']}, {s['threads']} threads, commit {s['commit']}, "
+              f"{s['date']}. Median of interleaved rounds; ratio = baseline time / candidate time.\n\n")
+    (out_dir / f"{name}.md").write_text(header + markdown_table(rows) + "\n")
+    return path
