@@ -4,7 +4,7 @@ head (F.linear_cross_entropy, or its composition on torch without it), at the tu
 1024 with C = 10) and at large shapes (4096 x 1000, 8192 x 32000). For the classifier head it also measures
 the peak memory (resident set growth of a fresh process) of one forward+backward.
 
-    python -m benchmarks.bench_losses [--quick] [--no-compile] [--no-huge] [--out DIR]
+    python -m fastmnist.bench.losses [--quick] [--no-compile] [--no-huge] [--out DIR]
 """
 
 import argparse
