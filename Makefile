@@ -8,9 +8,11 @@ export PYTHON
 setup:
 	./tools/setup.sh
 
-# The main job: benchmark the fused linear layers against eager PyTorch.
+# The main job: train the MLP with the fused backend on the bundled MNIST sample (checkpoint, metrics and plots
+# in runs/demo), then time one epoch of it against the eager backend (and the other fused variants).
 demo: setup
-	$(PYTHON) -m fastmnist.bench.linear_act --quick --out runs/bench
+	$(PYTHON) -m fastmnist train --model mlp --epochs 5 --out runs/demo
+	$(PYTHON) -m fastmnist bench --quick --models mlp --no-ops --out runs/demo/bench
 
 test: setup
 	$(PYTHON) -m pytest -q
