@@ -41,7 +41,7 @@ using cpu::Vec;
 using cpu::kWidth;
 
 constexpr int kConvBlock = 3;     // forward tile: output channels
-constexpr int kInGradBlock = 4;   // grad_x tile: input channels
+constexpr int kInGradBlock = 6;   // grad_x tile: input channels
 constexpr int kWGradBlock = 2;    // grad_W tile: output channels
 constexpr int kColVecs = 2;       // column vectors per conv tile (2 vectors of conv columns -> 1 pooled vector)
 constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: deterministic reduction)
@@ -278,11 +278,12 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
   }
 }
 
-// gw[o][c][ky][kx] += sum_{i,j} dz[o][i][j] * x_pad[c][i + ky][j + kx] for OB output channels and KB taps
+// gwv[o][c][ky][kx][:] += lane sums over i, j of dz[o][i][j] * x_pad[c][i + ky][j + kx] for OB output channels
+// and KB taps (the W lanes of each weight's vector partial are added up once per chunk, not per sample)
 // kx0 .. kx0 + KB - 1 of one (c, ky).
 template <typename T, int OB, int KB>
 FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometry& g, int64_t o0, int64_t c,
-                                       int64_t ky, int64_t kx0, T* gw) {
+                                       int64_t ky, int64_t kx0, T* gwv) {
   constexpr int W = kWidth<T>;
   const int64_t q = g.k - 1;
   Vec<T> acc[OB][KB] = {};
@@ -306,11 +307,15 @@ FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometr
 #pragma GCC unroll 16
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 16
-    for (int b = 0; b < KB; ++b) gw[(((o0 + o) * g.c + c) * g.k + ky) * g.k + kx0 + b] += cpu::reduce_add<T>(acc[o][b]);
+    for (int b = 0; b < KB; ++b) {
+      T* p = gwv + ((((o0 + o) * g.c + c) * g.k + ky) * g.k + kx0 + b) * W;
+      cpu::store(p, cpu::load<T>(p) + acc[o][b]);
+    }
 }
 
 // Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
 // sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf and dz are this task's zeroed
+// scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W;
 // scratch buffers; wflip (C_in, C_out, k, k, vector width) is W flipped in both spatial dimensions and
 // broadcast (only for gx).
 template <typename T, Activation A, int KS>
@@ -364,18 +369,22 @@ struct ConvActPoolBackward {
   }
 
   static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* wflip, const T* gout, const T* act, T* gx,
-                                   T* gw, T* gb, T* xbuf, T* dz, int64_t n0, int64_t n1) {
-    if (gw != nullptr) std::fill(gw, gw + g.o * g.c * g.k * g.k, T(0));
+                                   T* gw, T* gb, T* xbuf, T* dz, T* gwv, int64_t n0, int64_t n1) {
+    constexpr int W = kWidth<T>;
+    const int64_t wsize = g.o * g.c * g.k * g.k;
+    if (gw != nullptr) std::fill(gwv, gwv + wsize * W, T(0));
     if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
     const int64_t out_numel = g.o * g.ho * g.wo;
     for (int64_t n = n0; n < n1; ++n) {
       form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb);
       if (gw != nullptr) {
         fill_padded<T>(x + n * g.sxn, g, xbuf);
-        weight_grad<kWGradBlock>(0, dz, xbuf, g, gw);
+        weight_grad<kWGradBlock>(0, dz, xbuf, g, gwv);
       }
       if (gx != nullptr) input_grad_blocks<kInGradBlock>(0, dz, g, wflip, gx + n * g.c * g.h * g.w);
     }
+    if (gw != nullptr)
+      for (int64_t i = 0; i < wsize; ++i) gw[i] = cpu::reduce_add<T>(cpu::load<T>(gwv + i * W));
   }
 };
 
@@ -519,10 +528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
           at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
             std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw : 0, scalar_t(0));
             std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
+            std::vector<scalar_t> gwv(need_w ? wsize * kWidth<scalar_t> : 0);
             for (int64_t c = c0; c < c1; ++c) {
               cpu::run_kernel<ConvActPoolBackward<scalar_t, A, KS>>(
                   x_ptr, geo, wf_ptr, g_ptr, a_ptr, gx_ptr, wp_ptr ? wp_ptr + c * wsize : nullptr,
-                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), c * kChunk,
+                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), gwv.data(), c * kChunk,
                   std::min(n, (c + 1) * kChunk));
             }
           });
