@@ -41,12 +41,33 @@ using cpu::Vec;
 using cpu::kWidth;
 
 constexpr int kConvBlock = 3;     // forward tile: output channels
-constexpr int kInGradBlock = 4;   // grad_x tile: input channels
+constexpr int kInGradBlock = 6;   // grad_x tile: input channels
 constexpr int kWGradBlock = 2;    // grad_W tile: output channels
 constexpr int kColVecs = 2;       // column vectors per conv tile (2 vectors of conv columns -> 1 pooled vector)
 constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: deterministic reduction)
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Every lane = x. (Written as a shuffle: GCC 12 builds `Vec<T>{} + x` or an initialiser list from scalar
+// inserts inside target("avx2") functions; the shuffle becomes one vbroadcast.)
+template <typename T>
+FASTMNIST_INLINE Vec<T> splat(T x) {
+  typedef T Half __attribute__((vector_size(16)));
+  Half h{};
+  h[0] = x;
+  if constexpr (kWidth<T> == 8) {
+    return __builtin_shufflevector(h, h, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else {
+    return __builtin_shufflevector(h, h, 0, 0, 0, 0);
+  }
+}
+
+// The weights with every value repeated across a vector: (..., k, k, W). The conv tile's multiply-adds then
+// take their weight operand straight from memory.
+template <typename T>
+at::Tensor broadcast_weights(const at::Tensor& w) {
+  return w.contiguous().unsqueeze(-1).expand({-1, -1, -1, -1, kWidth<T>}).contiguous();
+}
 
 // Shapes and scratch-buffer geometry of one call, computed once on the host. All row lengths of the
 // scratch buffers include the slack that the vector loads of the last column tile read (zeros).
@@ -102,30 +123,38 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
 // acc[r][o][v] = sum_{c, ky, kx} in[c][r + ky][v*W + kx] * w[o][c][ky][kx] for R consecutive output rows,
 // OB output channels and CB vectors of output columns. `in` points at the tile's first input row and column;
 // `ld` is the input row length, `in_cstride` its channel stride; w's channel stride is k*k, `w_ostride` its
-// output-channel stride. KS > 0 fixes the kernel size at compile time (fully unrolled), 0 reads `k_rt`.
+// output-channel stride (both in weights, each weight a broadcast vector of W copies). KS > 0 fixes the kernel size at compile time (fully unrolled), 0 reads `k_rt`.
 template <typename T, int KS, int R, int OB, int CB>
 FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t w_ostride,
                                 int64_t channels, int64_t k_rt, Vec<T> (&acc)[R][OB][CB]) {
   constexpr int W = kWidth<T>;
   const int64_t k = KS > 0 ? KS : k_rt;
+  // The loops over r, o and v are unrolled completely so that acc lives in registers.
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
     for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 16
       for (int v = 0; v < CB; ++v) acc[r][o][v] = Vec<T>{};
   for (int64_t c = 0; c < channels; ++c) {
     const T* ic = in + c * in_cstride;
-    const T* wc = w + c * k * k;
-#pragma GCC unroll 8
+    const T* wc = w + c * k * k * W;
+    // input row t feeds output row r through kernel row ky = t - r: each loaded vector serves R*OB products
     for (int64_t t = 0; t < k + R - 1; ++t) {
       const T* row = ic + t * ld;
 #pragma GCC unroll 8
       for (int64_t kx = 0; kx < k; ++kx) {
         Vec<T> xv[CB];
+#pragma GCC unroll 16
         for (int v = 0; v < CB; ++v) xv[v] = cpu::load<T>(row + kx + v * W);
+#pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const int64_t ky = t - r;
           if (ky < 0 || ky >= k) continue;
+#pragma GCC unroll 16
           for (int o = 0; o < OB; ++o) {
-            const Vec<T> wv = cpu::broadcast<T>(wc[o * w_ostride + ky * k + kx]);
+            const Vec<T> wv = cpu::load<T>(wc + (o * w_ostride + ky * k + kx) * W);
+#pragma GCC unroll 16
             for (int v = 0; v < CB; ++v) acc[r][o][v] += xv[v] * wv;
           }
         }
@@ -167,17 +196,22 @@ struct ConvActPoolForward {
       for (int64_t tile = 0; tile < g.tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[2][OB][kColVecs];
-        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw, w + o0 * g.c * g.k * g.k,
+        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw, w + o0 * g.c * g.k * g.k * W,
                                           g.c * g.k * g.k, g.c, g.k, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, conv_w - col0);  // conv columns kept, even
+#pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
-          const Vec<T> b = cpu::broadcast<T>(bias != nullptr ? bias[o0 + o] : T(0));
+          const Vec<T> b = splat<T>(bias != nullptr ? bias[o0 + o] : T(0));
           Vec<T> y[2][kColVecs];
+#pragma GCC unroll 16
           for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 16
             for (int v = 0; v < kColVecs; ++v) y[r][v] = cpu::vactivate<A, T>(acc[r][o][v] + b, T(0));
           if (act != nullptr) {
+#pragma GCC unroll 16
             for (int r = 0; r < 2; ++r) {
               T* arow = act + ((o0 + o) * 2 * g.ho + 2 * pi + r) * conv_w + col0;
+#pragma GCC unroll 16
               for (int v = 0; v < kColVecs; ++v)
                 store_first<T>(arow + v * W, y[r][v], std::clamp<int64_t>(ncols - v * W, 0, W));
             }
@@ -244,34 +278,46 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
   }
 }
 
-// gw[o][c][ky][kx] += sum_{i,j} dz[o][i][j] * x_pad[c][i + ky][j + kx] for OB output channels and KB taps
+// gwv[o][c][ky][kx][:] += lane sums over i, j of dz[o][i][j] * x_pad[c][i + ky][j + kx] for OB output channels
+// and KB taps (the W lanes of each weight's vector partial are added up once per chunk, not per sample)
 // kx0 .. kx0 + KB - 1 of one (c, ky).
 template <typename T, int OB, int KB>
 FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometry& g, int64_t o0, int64_t c,
-                                       int64_t ky, int64_t kx0, T* gw) {
+                                       int64_t ky, int64_t kx0, T* gwv) {
   constexpr int W = kWidth<T>;
   const int64_t q = g.k - 1;
   Vec<T> acc[OB][KB] = {};
   for (int64_t i = 0; i < 2 * g.ho; ++i) {
     const T* xr = xpad + (c * g.xh + i + ky) * g.xw + kx0;
     const T* dr[OB];
+#pragma GCC unroll 16
     for (int o = 0; o < OB; ++o) dr[o] = dz + ((o0 + o) * g.dh + q + i) * g.dw + q;
     for (int64_t j = 0; j < g.dcols; j += W) {
       Vec<T> dv[OB];
+#pragma GCC unroll 16
       for (int o = 0; o < OB; ++o) dv[o] = cpu::load<T>(dr[o] + j);
+#pragma GCC unroll 16
       for (int b = 0; b < KB; ++b) {
         const Vec<T> xv = cpu::load<T>(xr + j + b);
+#pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) acc[o][b] += dv[o] * xv;
       }
     }
   }
+#pragma GCC unroll 16
   for (int o = 0; o < OB; ++o)
-    for (int b = 0; b < KB; ++b) gw[(((o0 + o) * g.c + c) * g.k + ky) * g.k + kx0 + b] += cpu::reduce_add<T>(acc[o][b]);
+#pragma GCC unroll 16
+    for (int b = 0; b < KB; ++b) {
+      T* p = gwv + ((((o0 + o) * g.c + c) * g.k + ky) * g.k + kx0 + b) * W;
+      cpu::store(p, cpu::load<T>(p) + acc[o][b]);
+    }
 }
 
 // Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
 // sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf and dz are this task's zeroed
-// scratch buffers; wflip (C_in, C_out, k, k) is W flipped in both spatial dimensions (only for gx).
+// scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W;
+// scratch buffers; wflip (C_in, C_out, k, k, vector width) is W flipped in both spatial dimensions and
+// broadcast (only for gx).
 template <typename T, Activation A, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
@@ -301,11 +347,13 @@ struct ConvActPoolBackward {
       for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[1][OB][kColVecs];
-        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k,
+        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k * W,
                                           g.o * g.k * g.k, g.o, g.k, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, g.w - col0);
+#pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
           T* row = gx + ((c0 + o) * g.h + h) * g.w + col0;
+#pragma GCC unroll 16
           for (int v = 0; v < kColVecs; ++v)
             store_first<T>(row + v * W, acc[0][o][v], std::clamp<int64_t>(ncols - v * W, 0, W));
         }
@@ -321,18 +369,22 @@ struct ConvActPoolBackward {
   }
 
   static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* wflip, const T* gout, const T* act, T* gx,
-                                   T* gw, T* gb, T* xbuf, T* dz, int64_t n0, int64_t n1) {
-    if (gw != nullptr) std::fill(gw, gw + g.o * g.c * g.k * g.k, T(0));
+                                   T* gw, T* gb, T* xbuf, T* dz, T* gwv, int64_t n0, int64_t n1) {
+    constexpr int W = kWidth<T>;
+    const int64_t wsize = g.o * g.c * g.k * g.k;
+    if (gw != nullptr) std::fill(gwv, gwv + wsize * W, T(0));
     if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
     const int64_t out_numel = g.o * g.ho * g.wo;
     for (int64_t n = n0; n < n1; ++n) {
       form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb);
       if (gw != nullptr) {
         fill_padded<T>(x + n * g.sxn, g, xbuf);
-        weight_grad<kWGradBlock>(0, dz, xbuf, g, gw);
+        weight_grad<kWGradBlock>(0, dz, xbuf, g, gwv);
       }
       if (gx != nullptr) input_grad_blocks<kInGradBlock>(0, dz, g, wflip, gx + n * g.c * g.h * g.w);
     }
+    if (gw != nullptr)
+      for (int64_t i = 0; i < wsize; ++i) gw[i] = cpu::reduce_add<T>(cpu::load<T>(gwv + i * W));
   }
 };
 
@@ -389,6 +441,7 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t n = x4.size(0);
+  at::Tensor wvec;
   at::Tensor out, saved;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_cpu", [&] {
     const Geometry g = make_geometry<scalar_t>(x4, w, padding);
@@ -396,7 +449,8 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
     saved = save_act ? at::empty({n, g.o, 2 * g.ho, 2 * g.wo}, x.options()) : at::empty({0}, x.options());
     if (out.numel() == 0) return;
     const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    wvec = broadcast_weights<scalar_t>(w);
+    const scalar_t* w_ptr = wvec.const_data_ptr<scalar_t>();
     const scalar_t* b_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
@@ -456,13 +510,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
     at::Tensor w_partial = need_w ? at::empty({chunks, wsize}, x.options()) : at::Tensor();
     at::Tensor b_partial = need_b ? at::empty({chunks, c_out}, x.options()) : at::Tensor();
     // (C_in, C_out, k, k), flipped in both spatial dimensions: grad_x is the forward conv of dz with it
-    const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1).contiguous() : at::Tensor();
+    const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_backward_cpu", [&] {
       const Geometry geo = make_geometry<scalar_t>(x4, w, padding);
       const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
       const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
       const scalar_t* a_ptr = a4.defined() ? a4.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* wf_ptr = need_x ? wflip.const_data_ptr<scalar_t>() : nullptr;
+      const at::Tensor wflip_vec = need_x ? broadcast_weights<scalar_t>(wflip) : at::Tensor();
+      const scalar_t* wf_ptr = need_x ? wflip_vec.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* wp_ptr = need_w ? w_partial.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* bp_ptr = need_b ? b_partial.mutable_data_ptr<scalar_t>() : nullptr;
@@ -473,10 +528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
           at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
             std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw : 0, scalar_t(0));
             std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
+            std::vector<scalar_t> gwv(need_w ? wsize * kWidth<scalar_t> : 0);
             for (int64_t c = c0; c < c1; ++c) {
               cpu::run_kernel<ConvActPoolBackward<scalar_t, A, KS>>(
                   x_ptr, geo, wf_ptr, g_ptr, a_ptr, gx_ptr, wp_ptr ? wp_ptr + c * wsize : nullptr,
-                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), c * kChunk,
+                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), gwv.data(), c * kChunk,
                   std::min(n, (c + 1) * kChunk));
             }
           });
