@@ -2,7 +2,7 @@
 training epochs; each module runs as `python -m fastmnist.bench.<name>`, and `fastmnist bench` runs them.
 Results are committed under benchmarks/results/ in the source tree."""
 
-from . import linear_act, losses
+from . import conv_act_pool, linear_act, losses
 
 # the per-op benchmarks that `fastmnist bench` runs after the epochs; each has main(argv) with --quick and --out
-OP_BENCHMARKS = [linear_act, losses]
+OP_BENCHMARKS = [linear_act, losses, conv_act_pool]

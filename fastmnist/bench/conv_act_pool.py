@@ -1,7 +1,7 @@
 """The fused LeNet block (conv 5x5 -> sigmoid -> 2x2 average pool) against eager PyTorch (conv2d + sigmoid +
 avg_pool2d) and torch.compile of it, for both LeNet blocks, forward and forward+backward.
 
-    python -m benchmarks.bench_conv_act_pool [--quick] [--no-compile] [--out DIR]
+    python -m fastmnist.bench.conv_act_pool [--quick] [--no-compile] [--out DIR]
 """
 
 import argparse
