@@ -10,7 +10,7 @@ setup:
 
 # The main job: benchmark the fused linear layers against eager PyTorch.
 demo: setup
-	$(PYTHON) -m benchmarks.bench_linear_act --quick --out runs/bench
+	$(PYTHON) -m fastmnist.bench.linear_act --quick --out runs/bench
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -61,6 +61,18 @@ TORCH_LIBRARY(fastmnist, m) {
       "int reduction, bool[2] output_mask) -> (Tensor, Tensor)");
 
   // ---- LeNet block (csrc/cpu/conv_act_pool.cpp) ----
+  // out = avg_pool2d(activation(conv2d(x, weight, bias, stride=1, padding)), 2); x: (N, C_in, H, W) or
+  // (C_in, H, W), weight: (C_out, C_in, k, k), bias: (C_out,). activation: identity, relu, sigmoid or tanh.
+  // `act` is what backward needs: the activation output at the conv positions the pooling reads,
+  // (N, C_out, 2*H_out, 2*W_out), written only when save_act (else an empty tensor).
+  m.def(
+      "conv_act_pool(Tensor x, Tensor weight, Tensor? bias, int padding, str activation, bool save_act) -> "
+      "(Tensor out, Tensor act)");
+  // Gradients of conv_act_pool; `act` as saved by the forward (unused, may be empty, for the identity).
+  // Returns (grad_x, grad_weight, grad_bias).
+  m.def(
+      "conv_act_pool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor act, int padding, str activation, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- CPU code path selection, for tests of the vectorised and portable kernels ----
   // "auto" (AVX2+FMA when the CPU has it), "avx2" or "portable". Returns the path now in use.

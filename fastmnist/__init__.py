@@ -7,8 +7,8 @@ tutorial models in ``fastmnist.models``; data loading in ``fastmnist.data``; the
 
 from . import _lib, nn, ops
 from .fused_step import FusionError, fused_step
-from .ops import linear_act, linear_cross_entropy, sigmoid_bce, softmax_cross_entropy
+from .ops import conv_act_pool, linear_act, linear_cross_entropy, sigmoid_bce, softmax_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["FusionError", "fused_step", "linear_act", "linear_cross_entropy", "nn", "ops", "sigmoid_bce",
-           "softmax_cross_entropy"]
+__all__ = ["FusionError", "conv_act_pool", "fused_step", "linear_act", "linear_cross_entropy", "nn", "ops",
+           "sigmoid_bce", "softmax_cross_entropy"]

@@ -7,7 +7,7 @@
 The step updates the model's own parameter tensors in place and keeps the optimizer's state in torch.optim's
 format (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``), so fused steps, eager steps,
 ``optimizer.state_dict()`` / ``load_state_dict()`` and learning-rate schedulers mix freely. It does not fill
-``param.grad``. Anything it cannot run exactly as eager PyTorch would raises FusionError naming the part.
+``param.grad`` and does not run the optimizer's step hooks. Anything it cannot run exactly as eager PyTorch would raises FusionError naming the part.
 """
 
 from __future__ import annotations
@@ -48,23 +48,21 @@ def _add_layer(impl, name, layer):
             raise FusionError(f"fused_step: {label}: only LayerNorm over the last dimension with an affine "
                               "weight and bias is supported")
         impl.add_layer_norm(layer.weight, layer.bias, layer.eps)
-    elif hasattr(fnn, "ConvActPool2d") and isinstance(layer, fnn.ConvActPool2d):
-        impl.add_conv_act_pool(layer.weight, layer.bias, layer.padding_size, layer.activation)
+    elif isinstance(layer, fnn.ConvActPool2d):
+        impl.add_conv_act_pool(layer.weight, layer.bias, layer.padding[0], layer.activation)
     else:
         raise FusionError(f"fused_step: {label} is not supported; supported layers: {SUPPORTED_LAYERS}")
 
 
 def _loss_kind(loss_fn):
     name = type(loss_fn).__name__
-    cross_entropy = tuple(t for t in (nn.CrossEntropyLoss, getattr(fnn, "SoftmaxCrossEntropyLoss", None)) if t)
-    bce = tuple(t for t in (nn.BCEWithLogitsLoss, getattr(fnn, "SigmoidBCELoss", None)) if t)
-    if isinstance(loss_fn, cross_entropy):
+    if isinstance(loss_fn, nn.CrossEntropyLoss):  # fnn.SoftmaxCrossEntropyLoss included
         if (loss_fn.weight is not None or loss_fn.reduction != "mean" or loss_fn.label_smoothing != 0
                 or loss_fn.ignore_index != -100):
             raise FusionError(f"fused_step: loss {name}: only the defaults (no class weight, reduction='mean', "
                               "label_smoothing=0, ignore_index=-100) are supported")
         return "cross_entropy"
-    if isinstance(loss_fn, bce):
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):  # fnn.SigmoidBCELoss included
         if loss_fn.weight is not None or loss_fn.pos_weight is not None or loss_fn.reduction != "mean":
             raise FusionError(f"fused_step: loss {name}: only the defaults (no weight, no pos_weight, "
                               "reduction='mean') are supported")
@@ -177,7 +175,11 @@ class FusedStep:
         group = self.optimizer.param_groups[0]
         self._sync_hyperparameters(group)
         self._sync_state(group)
-        return self._impl.step(x, target, float(group["lr"]))
+        loss = self._impl.step(x, target, float(group["lr"]))
+        # an optimizer step happened: tell a learning-rate scheduler (it checks this flag to warn about
+        # schedulers stepped before any optimizer step)
+        self.optimizer._opt_called = True
+        return loss
 
 
 def fused_step(model, loss_fn, optimizer):

@@ -57,3 +57,8 @@ def linear_cross_entropy_reference(input, linear_weight, target, linear_bias=Non
                                                 label_smoothing=label_smoothing)
     return fn(input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
               ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def conv_act_pool_reference(x, weight, bias=None, padding=0, activation="sigmoid"):
+    """The LeNet block in eager PyTorch: conv (stride 1) -> activation -> 2x2 average pooling (floor)."""
+    return F.avg_pool2d(activation_reference(F.conv2d(x, weight, bias, padding=padding), activation), 2)

@@ -12,6 +12,9 @@ from fastmnist.nn import FusedLinear
 # from eager's (bias added after the GEMM, not inside it), and Adam magnifies the difference element-wise on
 # near-zero gradients, but the trajectories stay together.
 PARITY = {torch.float32: 1e-5, torch.float64: 1e-11}
+# The optimizer state holds gradient statistics; near a minimum a gradient is a sum with heavy cancellation, so
+# its relative rounding error is larger than the parameters' (condition number times the dtype's epsilon).
+STATE_PARITY = {torch.float32: 1e-3, torch.float64: 1e-9}
 STEPS = 100
 
 OPTIMIZERS = {
@@ -33,9 +36,8 @@ MODELS = [
     ("classifier", {"hidden": "sigmoid", "loss": "bce"}),
     ("classifier", {"hidden": "leaky_relu", "loss": "bce"}),
     ("classifier", {"hidden": "leaky_relu_layernorm", "loss": "bce"}),
+    ("lenet", {}),
 ]
-if hasattr(fastmnist.nn, "ConvActPool2d"):
-    MODELS.append(("lenet", {}))
 
 
 def make_pair(name, options, optimizer, dtype, seed=0):
@@ -50,7 +52,7 @@ def make_pair(name, options, optimizer, dtype, seed=0):
     return fused, fused_opt, step, eager, eager_opt, models.create_loss(name, "eager", **options)
 
 
-def make_batches(name, options, dtype, count=4, batch=24, seed=1):
+def make_batches(name, options, dtype, count=4, batch=8, seed=1):
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -84,7 +86,7 @@ def assert_state_parity(fused_opt, eager_opt, dtype):
             if torch.is_tensor(se[key]):
                 assert sf[key].dtype == se[key].dtype and sf[key].shape == se[key].shape, key
                 error = ((sf[key].double() - se[key].double()).norm() / se[key].double().norm().clamp_min(1e-30))
-                assert error.item() <= 10 * PARITY[dtype], f"optimizer state {key}: relative error {error:.2e}"
+                assert error.item() <= STATE_PARITY[dtype], f"optimizer state {key}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -142,6 +144,7 @@ def test_mixing_fused_and_eager_steps_with_state_save_and_load(optimizer):
     assert_state_parity(fused_opt, eager_opt, dtype)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_scheduler_changes_the_learning_rate():
     dtype = torch.float64
     fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("twolayer", {}, "sgd-momentum", dtype)
@@ -152,7 +155,7 @@ def test_scheduler_changes_the_learning_rate():
         x, y = batches[i % len(batches)]
         step(x, y)
         eager_step(eager, eager_loss, eager_opt, x, y)
-        fused_sched.step()
+        fused_sched.step()  # no warning about stepping the scheduler before the optimizer
         eager_sched.step()
     assert fused_opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.3**4)
     assert_parity(fused, eager, dtype)

@@ -279,6 +279,10 @@ class _CudaLookalike(torch.Tensor):
     def device(self):
         return torch.device("cuda", 0)
 
+    @property
+    def is_cuda(self):
+        return True
+
 
 def test_rejects_cuda_tensor_without_cuda_build():
     if fastmnist._lib.WITH_CUDA:

@@ -9,7 +9,8 @@
 // Per step:
 //   forward   a_i = layer_i(a_{i-1}), each layer writing into its workspace buffer; the layer outputs are
 //             what backward needs (linear: the output gives the activation derivative; layer norm also keeps
-//             the per-row mean and 1/std)
+//             the per-row mean and 1/std; the LeNet block keeps its pre-pooling activation, and allocates its
+//             outputs per call, as its op does)
 //   loss      value and d loss / d logits in one pass over the logits
 //   backward  from the last layer to the first: the gradient w.r.t. the layer input is computed (only when an
 //             earlier layer has parameters) BEFORE that layer's parameters are updated, then the parameter
@@ -20,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -33,7 +35,7 @@
 namespace fastmnist {
 namespace {
 
-enum class LayerKind { Linear, Flatten, LayerNorm };
+enum class LayerKind { Linear, Flatten, LayerNorm, ConvActPool };
 enum class LossKind { CrossEntropy, SigmoidBCE, SigmoidMSE };
 enum class OptimizerKind { None, SGD, Adam };
 
@@ -43,17 +45,44 @@ struct Layer {
   Activation activation = Activation::Identity;
   double negative_slope = 0;
   double eps = 0;
+  int64_t padding = 0;
+  std::string activation_name;  // for the conv_act_pool op
 };
+
+// The LeNet block's kernels, called through the dispatcher (below autograd): they allocate their outputs and
+// scratch per call, unlike the other layers, whose buffers live in the workspace.
+std::tuple<at::Tensor, at::Tensor> conv_act_pool_op(const at::Tensor& x, const Layer& layer) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmnist::conv_act_pool", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const std::optional<at::Tensor>&, int64_t,
+                                                                 c10::string_view, bool)>();
+  return op.call(x, layer.weight, layer.bias.defined() ? std::optional<at::Tensor>(layer.bias) : std::nullopt,
+                 layer.padding, layer.activation_name, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_op(const at::Tensor& grad_out,
+                                                                         const at::Tensor& x, const Layer& layer,
+                                                                         const at::Tensor& act, bool need_input) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmnist::conv_act_pool_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                           c10::string_view, std::array<bool, 3>)>();
+  return op.call(grad_out, x, layer.weight, act, layer.padding, layer.activation_name,
+                 {need_input, true, layer.bias.defined()});
+}
 
 // Buffers for one batch size.
 struct Workspace {
   std::vector<at::Tensor> outputs;      // a_i, the output of layer i
   std::vector<at::Tensor> grads;        // d loss / d a_i
   std::vector<at::Tensor> row_stats;    // layer norm: (2, rows) mean and 1/std; else undefined
+  std::vector<at::Tensor> saved;        // conv_act_pool: the activation output its backward needs
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
 };
 
-constexpr int64_t kGrain = 16384;  // elements per task in the element-wise passes
+constexpr int64_t kGrain = 32768;  // elements per task in the element-wise passes (ATen's grain)
 
 template <typename T>
 T sigmoid(T z) {
@@ -70,6 +99,13 @@ class FusedStep : public torch::CustomClassHolder {
     add_layer(std::move(layer));
   }
   void add_flatten() { add_layer(Layer{LayerKind::Flatten}); }
+  void add_conv_act_pool(at::Tensor weight, std::optional<at::Tensor> bias, int64_t padding, std::string activation) {
+    Layer layer{LayerKind::ConvActPool, weight, bias.value_or(at::Tensor())};
+    layer.activation = parse_activation(activation);
+    layer.activation_name = activation;
+    layer.padding = padding;
+    add_layer(std::move(layer));
+  }
   void add_layer_norm(at::Tensor weight, at::Tensor bias, double eps) {
     Layer layer{LayerKind::LayerNorm, weight, bias};
     layer.eps = eps;
@@ -163,6 +199,16 @@ class FusedStep : public torch::CustomClassHolder {
         case LayerKind::Flatten:
           out = at::empty({rows, a.numel() / std::max<int64_t>(rows, 1)}, options);
           break;
+        case LayerKind::ConvActPool: {
+          TORCH_CHECK(a.dim() == 4 && a.size(1) == layer.weight.size(1), "fused_step: a conv block expects (N, ",
+                      layer.weight.size(1), ", H, W) input, got ", a.sizes());
+          const int64_t k = layer.weight.size(2);
+          const int64_t conv_h = a.size(2) + 2 * layer.padding - k + 1, conv_w = a.size(3) + 2 * layer.padding - k + 1;
+          TORCH_CHECK(conv_h >= 2 && conv_w >= 2, "fused_step: a conv block's output is smaller than one pooling "
+                      "window for input ", a.sizes());
+          out = at::empty({rows, layer.weight.size(0), conv_h / 2, conv_w / 2}, options);
+          break;
+        }
         case LayerKind::LayerNorm:
           TORCH_CHECK(a.dim() == 2 && a.size(1) == layer.weight.numel(), "fused_step: layer norm over ",
                       layer.weight.numel(), " features got input of shape ", a.sizes());
@@ -173,6 +219,7 @@ class FusedStep : public torch::CustomClassHolder {
       ws.outputs.push_back(out);
       ws.grads.push_back(at::empty_like(out));
       ws.row_stats.push_back(stats);
+      ws.saved.emplace_back();
       a = out;
     }
     for (const at::Tensor& p : params_) ws.param_grads.push_back(at::empty_like(p));
@@ -194,6 +241,9 @@ class FusedStep : public torch::CustomClassHolder {
           break;
         case LayerKind::LayerNorm:
           layer_norm_forward(a, layer, out, ws.row_stats[i]);
+          break;
+        case LayerKind::ConvActPool:
+          std::tie(out, ws.saved[i]) = conv_act_pool_op(a, layer);
           break;
       }
       a = out;
@@ -335,6 +385,13 @@ class FusedStep : public torch::CustomClassHolder {
         case LayerKind::Flatten:
           if (need_input_grad) grad_in.copy_(g.view(grad_in.sizes()));
           break;
+        case LayerKind::ConvActPool: {
+          auto [grad_x, grad_w, grad_b] = conv_act_pool_backward_op(g, in, layer, ws.saved[i], need_input_grad);
+          if (need_input_grad) grad_in.copy_(grad_x);
+          update(pw, grad_w, lr);
+          if (layer.bias.defined()) update(pw + 1, grad_b, lr);
+          break;
+        }
         case LayerKind::LayerNorm:
           layer_norm_backward(in, layer, ws.outputs[i], ws.row_stats[i], g, need_input_grad ? grad_in : at::Tensor(),
                               ws.param_grads[pw], ws.param_grads[pw + 1]);
@@ -465,6 +522,7 @@ TORCH_LIBRARY_FRAGMENT(fastmnist, m) {
       .def(torch::init<>())
       .def("add_linear", &FusedStep::add_linear)
       .def("add_flatten", &FusedStep::add_flatten)
+      .def("add_conv_act_pool", &FusedStep::add_conv_act_pool)
       .def("add_layer_norm", &FusedStep::add_layer_norm)
       .def("set_loss", &FusedStep::set_loss)
       .def("set_sgd", &FusedStep::set_sgd)

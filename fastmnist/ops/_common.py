@@ -15,6 +15,8 @@ def check_activation(activation):
 
 
 def check_number(name, value):
+    if type(value) is float:  # the common case, without the slower ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -22,10 +24,11 @@ def check_number(name, value):
 
 def check_devices(op, *tensors):
     """Calling an op on CUDA tensors from a build without CUDA gets a clear message, not a dispatcher dump."""
-    _lib.require_library()
+    if not _lib.LOADED:
+        _lib.require_library()
     if not _lib.WITH_CUDA:
         for t in tensors:
-            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            if isinstance(t, torch.Tensor) and t.is_cuda:
                 raise RuntimeError(
                     f"{op}: got a CUDA tensor, but fastmnist was built without CUDA kernels; rebuild with a CUDA "
                     "torch and nvcc (pip install --no-build-isolation .)"

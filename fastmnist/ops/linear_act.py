@@ -1,9 +1,10 @@
-"""linear_act: activation(x @ weight.T + bias), fused, with its autograd and fake kernels."""
+"""linear_act: activation(x @ weight.T + bias), fused: the Python wrapper and the fake kernels (autograd is in
+C++, csrc/linear_act_autograd.cpp)."""
 
 import torch
 
 from .. import _lib
-from ._common import check_activation, check_devices, check_number, empty_if_unneeded
+from ._common import check_activation, check_devices, check_number
 
 
 def linear_act(x, weight, bias=None, activation="relu", negative_slope=0.01):
@@ -27,39 +28,14 @@ def _linear_act_fake(x, weight, bias, activation, negative_slope):
 
 
 def _linear_act_backward_fake(grad_out, x, weight, out, activation, negative_slope, output_mask):
-    empty = x.new_empty((0,))
-    grad_x = torch.empty_like(x) if output_mask[0] else empty
-    grad_weight = torch.empty_like(weight) if output_mask[1] else empty
-    grad_bias = weight.new_empty((weight.shape[0],)) if output_mask[2] else empty
+    # outputs must not alias each other: a fresh empty tensor for each gradient that is not requested
+    grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
+    grad_weight = torch.empty_like(weight) if output_mask[1] else x.new_empty((0,))
+    grad_bias = weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,))
     return grad_x, grad_weight, grad_bias
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, negative_slope = inputs
-    # The activation derivative is a function of the output, so the output is all backward needs besides the
-    # GEMM operands.
-    ctx.save_for_backward(x, weight, output)
-    ctx.activation = activation
-    ctx.negative_slope = negative_slope
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, weight, out = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_x, grad_weight, grad_bias = torch.ops.fastmnist.linear_act_backward(
-        grad_out, x, weight, out, ctx.activation, ctx.negative_slope, mask
-    )
-    return (
-        empty_if_unneeded(mask[0], grad_x),
-        empty_if_unneeded(mask[1], grad_weight),
-        empty_if_unneeded(mask[2], grad_bias),
-        None,
-        None,
-    )
 
 
 if _lib.LOADED:
     torch.library.register_fake("fastmnist::linear_act")(_linear_act_fake)
     torch.library.register_fake("fastmnist::linear_act_backward")(_linear_act_backward_fake)
-    torch.library.register_autograd("fastmnist::linear_act", _backward, setup_context=_setup_context)
+    # autograd is registered in C++ (csrc/linear_act_autograd.cpp): a Python formula costs more than the layer

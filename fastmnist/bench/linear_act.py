@@ -1,7 +1,7 @@
 """Fused linear + activation against eager PyTorch (F.linear + activation) and torch.compile of it, at the
 tutorial models' layer shapes, forward and forward+backward.
 
-    python -m benchmarks.bench_linear_act [--quick] [--no-compile] [--out DIR]
+    python -m fastmnist.bench.linear_act [--quick] [--no-compile] [--out DIR]
 """
 
 import argparse

@@ -23,7 +23,9 @@ from typing import Callable
 import torch
 import torch.utils.benchmark as tbench
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# results go to the source checkout's benchmarks/results when run from one, else to ./benchmarks/results
+_CHECKOUT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = (_CHECKOUT if (_CHECKOUT / "benchmarks").is_dir() else Path.cwd()) / "benchmarks" / "results"
 
 
 @dataclasses.dataclass
@@ -48,7 +50,7 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

@@ -1,0 +1,511 @@
+// The LeNet block on the CPU: out = avg_pool2d(act(conv2d(x, W, b, stride 1, padding P)), 2), one op.
+//
+// Forward. Per sample (parallel over the batch), the input planes are copied once into a zero-bordered
+// scratch buffer (this is the padding; any input strides are read directly, so channels_last or sliced
+// inputs cost no extra copy), sized so that every vector load of the kernel stays inside it. A direct
+// convolution then computes tiles of 2 conv rows x 2 vectors of conv columns x up to 3 output channels in
+// registers, vectorised along the columns; bias and activation are applied to the tile in registers, the
+// two rows are added, neighbouring columns are added by an even/odd lane shuffle, and only then is the
+// pooled tile written. Conv rows and columns dropped by the floor pooling (odd sizes) are never computed.
+//
+// Saved for backward: `act`, the activation output act(z) at the conv positions that the pooling reads,
+// shape (N, C_out, 2*H_out, 2*W_out). Every activation's derivative is a function of its output (see
+// activation.h), so backward needs act plus the inputs x and W; recomputing the convolution instead would
+// double the cost of a training step. The op writes act only when asked (`save_act`): the Python wrapper
+// asks when a gradient will be needed and the activation is not the identity (whose derivative is 1);
+// otherwise act comes back empty and inference writes nothing but the pooled output.
+//
+// Backward. dz = 0.25 * upsample(grad_out) * act'(act) is formed per sample, in vector registers, into a
+// zero-bordered scratch plane (with the bias-gradient sums taken in the same pass). From it, direct kernels:
+//   grad_W[o, c, ky, kx] = sum_{i,j} dz[o, i, j] * x_pad[c, i + ky, j + kx]   (tiles: 2 out channels x K taps)
+//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 1 row)
+// grad_W and grad_b are accumulated per fixed chunk of kChunk samples (independent of the thread count),
+// and the chunk partials are added in chunk order: results are deterministic run to run.
+// grad_x is computed only when asked (LeNet's first block never needs it).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "activation.h"
+#include "checks.h"
+#include "cpu/activation_vec.h"
+
+namespace fastmnist {
+namespace {
+
+using cpu::Vec;
+using cpu::kWidth;
+
+constexpr int kConvBlock = 3;     // forward tile: output channels
+constexpr int kInGradBlock = 4;   // grad_x tile: input channels
+constexpr int kWGradBlock = 2;    // grad_W tile: output channels
+constexpr int kColVecs = 2;       // column vectors per conv tile (2 vectors of conv columns -> 1 pooled vector)
+constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: deterministic reduction)
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Shapes and scratch-buffer geometry of one call, computed once on the host. All row lengths of the
+// scratch buffers include the slack that the vector loads of the last column tile read (zeros).
+struct Geometry {
+  int64_t c, h, w;        // input channels and size
+  int64_t o, k, pad;      // output channels, kernel size, padding
+  int64_t ho, wo;         // pooled output size (conv output 2*ho x 2*wo is what is computed)
+  int64_t sxc, sxh, sxw;  // input strides (per sample: sxn)
+  int64_t sxn;
+  // padded input: (c, xh, xw); conv row i, column j reads x_pad[i + ky][j + kx]
+  int64_t xh, xw, tiles;  // tiles: column tiles of the forward (kColVecs vectors of conv columns each)
+  // dz plane: (o, dh, dw), dz[i][j] stored at [q + i][q + j], q = k - 1, zero elsewhere
+  int64_t dh, dw, dcols, in_tiles;  // dcols: dz columns read by grad_W; in_tiles: column tiles of grad_x
+};
+
+template <typename T>
+Geometry make_geometry(const at::Tensor& x4, const at::Tensor& w, int64_t pad) {
+  constexpr int W = kWidth<T>;
+  Geometry g;
+  g.c = x4.size(1), g.h = x4.size(2), g.w = x4.size(3);
+  g.o = w.size(0), g.k = w.size(2), g.pad = pad;
+  g.ho = (g.h + 2 * pad - g.k + 1) / 2, g.wo = (g.w + 2 * pad - g.k + 1) / 2;
+  g.sxn = x4.stride(0), g.sxc = x4.stride(1), g.sxh = x4.stride(2), g.sxw = x4.stride(3);
+  g.tiles = (2 * g.wo + kColVecs * W - 1) / (kColVecs * W);
+  g.dcols = round_up(2 * g.wo, W);
+  g.xh = 2 * g.ho + g.k - 1;
+  g.xw = std::max(g.tiles * kColVecs * W, g.dcols) + g.k - 1;
+  const int64_t q = g.k - 1;
+  g.in_tiles = (g.w + kColVecs * W - 1) / (kColVecs * W);
+  g.dh = std::max(q + 2 * g.ho, pad + g.h + g.k - 1);
+  g.dw = std::max(q + g.dcols, pad + g.in_tiles * kColVecs * W + g.k - 1);
+  return g;
+}
+
+// Copies sample x (strided) into the interior of the zero-bordered buffer (c, xh, xw). Input rows and
+// columns that no kept conv output reads (cut by the floor pooling) are skipped. Borders stay zero.
+template <typename T>
+FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
+  const int64_t r1 = std::min(g.xh, g.pad + g.h), c1 = std::min(g.xw, g.pad + g.w);
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t r = g.pad; r < r1; ++r) {
+      const T* src = x + c * g.sxc + (r - g.pad) * g.sxh;
+      T* dst = buf + (c * g.xh + r) * g.xw;
+      if (g.sxw == 1) {
+        std::copy(src, src + (c1 - g.pad), dst + g.pad);
+      } else {
+        for (int64_t col = g.pad; col < c1; ++col) dst[col] = src[(col - g.pad) * g.sxw];
+      }
+    }
+  }
+}
+
+// acc[r][o][v] = sum_{c, ky, kx} in[c][r + ky][v*W + kx] * w[o][c][ky][kx] for R consecutive output rows,
+// OB output channels and CB vectors of output columns. `in` points at the tile's first input row and column;
+// `ld` is the input row length, `in_cstride` its channel stride; w's channel stride is k*k, `w_ostride` its
+// output-channel stride. KS > 0 fixes the kernel size at compile time (fully unrolled), 0 reads `k_rt`.
+template <typename T, int KS, int R, int OB, int CB>
+FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t w_ostride,
+                                int64_t channels, int64_t k_rt, Vec<T> (&acc)[R][OB][CB]) {
+  constexpr int W = kWidth<T>;
+  const int64_t k = KS > 0 ? KS : k_rt;
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < OB; ++o)
+      for (int v = 0; v < CB; ++v) acc[r][o][v] = Vec<T>{};
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* ic = in + c * in_cstride;
+    const T* wc = w + c * k * k;
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < k + R - 1; ++t) {
+      const T* row = ic + t * ld;
+#pragma GCC unroll 8
+      for (int64_t kx = 0; kx < k; ++kx) {
+        Vec<T> xv[CB];
+        for (int v = 0; v < CB; ++v) xv[v] = cpu::load<T>(row + kx + v * W);
+        for (int r = 0; r < R; ++r) {
+          const int64_t ky = t - r;
+          if (ky < 0 || ky >= k) continue;
+          for (int o = 0; o < OB; ++o) {
+            const Vec<T> wv = cpu::broadcast<T>(wc[o * w_ostride + ky * k + kx]);
+            for (int v = 0; v < CB; ++v) acc[r][o][v] += xv[v] * wv;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Stores the first n (<= W) lanes of v.
+template <typename T>
+FASTMNIST_INLINE void store_first(T* p, Vec<T> v, int64_t n) {
+  if (n == kWidth<T>) {
+    cpu::store(p, v);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+  }
+}
+
+// Sums of neighbouring lanes of the 2W values (a, b): {a0+a1, a2+a3, ..., b_{W-2}+b_{W-1}}.
+template <typename T>
+FASTMNIST_INLINE Vec<T> pair_sums(Vec<T> a, Vec<T> b) {
+  if constexpr (kWidth<T> == 8) {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+  } else {
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
+  }
+}
+
+// Forward for samples [n0, n1). `buf` is this task's zeroed padded-input buffer; `act` may be null.
+template <typename T, Activation A, int KS>
+struct ConvActPoolForward {
+  template <int OB>
+  static FASTMNIST_INLINE void channel_block(const T* xpad, const Geometry& g, const T* w, const T* bias,
+                                             int64_t o0, T* out, T* act) {
+    constexpr int W = kWidth<T>;
+    const int64_t conv_w = 2 * g.wo;
+    for (int64_t pi = 0; pi < g.ho; ++pi) {
+      for (int64_t tile = 0; tile < g.tiles; ++tile) {
+        const int64_t col0 = tile * kColVecs * W;
+        Vec<T> acc[2][OB][kColVecs];
+        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw, w + o0 * g.c * g.k * g.k,
+                                          g.c * g.k * g.k, g.c, g.k, acc);
+        const int64_t ncols = std::min<int64_t>(kColVecs * W, conv_w - col0);  // conv columns kept, even
+        for (int o = 0; o < OB; ++o) {
+          const Vec<T> b = cpu::broadcast<T>(bias != nullptr ? bias[o0 + o] : T(0));
+          Vec<T> y[2][kColVecs];
+          for (int r = 0; r < 2; ++r)
+            for (int v = 0; v < kColVecs; ++v) y[r][v] = cpu::vactivate<A, T>(acc[r][o][v] + b, T(0));
+          if (act != nullptr) {
+            for (int r = 0; r < 2; ++r) {
+              T* arow = act + ((o0 + o) * 2 * g.ho + 2 * pi + r) * conv_w + col0;
+              for (int v = 0; v < kColVecs; ++v)
+                store_first<T>(arow + v * W, y[r][v], std::clamp<int64_t>(ncols - v * W, 0, W));
+            }
+          }
+          const Vec<T> pooled = pair_sums<T>(y[0][0] + y[1][0], y[0][1] + y[1][1]) * T(0.25);
+          store_first<T>(out + ((o0 + o) * g.ho + pi) * g.wo + tile * W, pooled, ncols / 2);
+        }
+      }
+    }
+  }
+  template <int OB>
+  static FASTMNIST_INLINE void channel_blocks(int64_t o, const T* xpad, const Geometry& g, const T* w,
+                                              const T* bias, T* out, T* act) {
+    for (; o + OB <= g.o; o += OB) channel_block<OB>(xpad, g, w, bias, o, out, act);
+    if constexpr (OB > 1) {
+      if (o < g.o) channel_blocks<OB - 1>(o, xpad, g, w, bias, out, act);
+    }
+  }
+  static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* w, const T* bias, T* out, T* act, T* buf,
+                                   int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      fill_padded<T>(x + n * g.sxn, g, buf);
+      channel_blocks<kConvBlock>(0, buf, g, w, bias, out + n * g.o * g.ho * g.wo,
+                                 act != nullptr ? act + n * g.o * 4 * g.ho * g.wo : nullptr);
+    }
+  }
+};
+
+// dz for one sample into the dz plane, and the per-channel sums of dz added to gb (if not null).
+template <typename T, Activation A>
+FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T* dz, T* gb) {
+  constexpr int W = kWidth<T>;
+  const int64_t q = g.k - 1, conv_w = 2 * g.wo;
+  for (int64_t o = 0; o < g.o; ++o) {
+    Vec<T> vsum{};
+    T ssum = 0;
+    for (int64_t i = 0; i < 2 * g.ho; ++i) {
+      const T* grow = gout + (o * g.ho + i / 2) * g.wo;
+      const T* arow = A == Activation::Identity ? nullptr : act + (o * 2 * g.ho + i) * conv_w;
+      T* drow = dz + (o * g.dh + q + i) * g.dw + q;
+      int64_t j = 0;
+      for (; j + W <= conv_w; j += W) {
+        Vec<T> half{};
+        std::memcpy(&half, grow + j / 2, sizeof(T) * (W / 2));
+        Vec<T> gv;
+        if constexpr (W == 8) {
+          gv = __builtin_shufflevector(half, half, 0, 0, 1, 1, 2, 2, 3, 3);
+        } else {
+          gv = __builtin_shufflevector(half, half, 0, 0, 1, 1);
+        }
+        gv *= T(0.25);
+        if constexpr (A != Activation::Identity) gv *= cpu::vgrad_from_output<A, T>(cpu::load<T>(arow + j), T(0));
+        cpu::store(drow + j, gv);
+        vsum += gv;
+      }
+      for (; j < conv_w; ++j) {
+        T d = T(0.25) * grow[j / 2];
+        if constexpr (A != Activation::Identity) d *= activation_grad_from_output<T>(A, arow[j], T(0));
+        drow[j] = d;
+        ssum += d;
+      }
+    }
+    if (gb != nullptr) gb[o] += cpu::reduce_add<T>(vsum) + ssum;
+  }
+}
+
+// gw[o][c][ky][kx] += sum_{i,j} dz[o][i][j] * x_pad[c][i + ky][j + kx] for OB output channels and KB taps
+// kx0 .. kx0 + KB - 1 of one (c, ky).
+template <typename T, int OB, int KB>
+FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometry& g, int64_t o0, int64_t c,
+                                       int64_t ky, int64_t kx0, T* gw) {
+  constexpr int W = kWidth<T>;
+  const int64_t q = g.k - 1;
+  Vec<T> acc[OB][KB] = {};
+  for (int64_t i = 0; i < 2 * g.ho; ++i) {
+    const T* xr = xpad + (c * g.xh + i + ky) * g.xw + kx0;
+    const T* dr[OB];
+    for (int o = 0; o < OB; ++o) dr[o] = dz + ((o0 + o) * g.dh + q + i) * g.dw + q;
+    for (int64_t j = 0; j < g.dcols; j += W) {
+      Vec<T> dv[OB];
+      for (int o = 0; o < OB; ++o) dv[o] = cpu::load<T>(dr[o] + j);
+      for (int b = 0; b < KB; ++b) {
+        const Vec<T> xv = cpu::load<T>(xr + j + b);
+        for (int o = 0; o < OB; ++o) acc[o][b] += dv[o] * xv;
+      }
+    }
+  }
+  for (int o = 0; o < OB; ++o)
+    for (int b = 0; b < KB; ++b) gw[(((o0 + o) * g.c + c) * g.k + ky) * g.k + kx0 + b] += cpu::reduce_add<T>(acc[o][b]);
+}
+
+// Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
+// sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf and dz are this task's zeroed
+// scratch buffers; wflip (C_in, C_out, k, k) is W flipped in both spatial dimensions (only for gx).
+template <typename T, Activation A, int KS>
+struct ConvActPoolBackward {
+  // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
+  template <int OB>
+  static FASTMNIST_INLINE void weight_grad(int64_t o, const T* dz, const T* xpad, const Geometry& g, T* gw) {
+    for (; o + OB <= g.o; o += OB) {
+      for (int64_t c = 0; c < g.c; ++c) {
+        for (int64_t ky = 0; ky < g.k; ++ky) {
+          if constexpr (KS > 0) {
+            weight_grad_tile<T, OB, KS>(dz, xpad, g, o, c, ky, 0, gw);
+          } else {
+            for (int64_t kx = 0; kx < g.k; ++kx) weight_grad_tile<T, OB, 1>(dz, xpad, g, o, c, ky, kx, gw);
+          }
+        }
+      }
+    }
+    if constexpr (OB > 1) {
+      if (o < g.o) weight_grad<OB - 1>(o, dz, xpad, g, gw);
+    }
+  }
+
+  template <int OB>
+  static FASTMNIST_INLINE void input_grad_block(const T* dz, const Geometry& g, const T* wflip, int64_t c0, T* gx) {
+    constexpr int W = kWidth<T>;
+    const T* base = dz + g.pad * g.dw + g.pad;
+    for (int64_t h = 0; h < g.h; ++h) {
+      for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
+        const int64_t col0 = tile * kColVecs * W;
+        Vec<T> acc[1][OB][kColVecs];
+        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k,
+                                          g.o * g.k * g.k, g.o, g.k, acc);
+        const int64_t ncols = std::min<int64_t>(kColVecs * W, g.w - col0);
+        for (int o = 0; o < OB; ++o) {
+          T* row = gx + ((c0 + o) * g.h + h) * g.w + col0;
+          for (int v = 0; v < kColVecs; ++v)
+            store_first<T>(row + v * W, acc[0][o][v], std::clamp<int64_t>(ncols - v * W, 0, W));
+        }
+      }
+    }
+  }
+  template <int OB>
+  static FASTMNIST_INLINE void input_grad_blocks(int64_t c, const T* dz, const Geometry& g, const T* wflip, T* gx) {
+    for (; c + OB <= g.c; c += OB) input_grad_block<OB>(dz, g, wflip, c, gx);
+    if constexpr (OB > 1) {
+      if (c < g.c) input_grad_blocks<OB - 1>(c, dz, g, wflip, gx);
+    }
+  }
+
+  static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* wflip, const T* gout, const T* act, T* gx,
+                                   T* gw, T* gb, T* xbuf, T* dz, int64_t n0, int64_t n1) {
+    if (gw != nullptr) std::fill(gw, gw + g.o * g.c * g.k * g.k, T(0));
+    if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
+    const int64_t out_numel = g.o * g.ho * g.wo;
+    for (int64_t n = n0; n < n1; ++n) {
+      form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb);
+      if (gw != nullptr) {
+        fill_padded<T>(x + n * g.sxn, g, xbuf);
+        weight_grad<kWGradBlock>(0, dz, xbuf, g, gw);
+      }
+      if (gx != nullptr) input_grad_blocks<kInGradBlock>(0, dz, g, wflip, gx + n * g.c * g.h * g.w);
+    }
+  }
+};
+
+// Calls f(std::integral_constant<int, KS>{}) with KS = 5 (LeNet's kernel, fully unrolled) or 0 (any size).
+template <typename F>
+auto with_kernel_size(int64_t k, F&& f) {
+  if (k == 5) return f(std::integral_constant<int, 5>{});
+  return f(std::integral_constant<int, 0>{});
+}
+
+// Checks shared by forward and backward; returns the activation. x: (N, C, H, W) or (C, H, W).
+Activation check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t padding,
+                      c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(act != Activation::LeakyRelu, op,
+              ": activation 'leaky_relu' is not supported; expected one of identity, relu, sigmoid, tanh");
+  check_float_tensor(op, "x", x);
+  check_float_tensor(op, "weight", weight);
+  check_same_dtype_device(op, "weight", weight, "x", x);
+  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 3, op, ": x must have shape (N, C_in, H, W) or (C_in, H, W), got shape ",
+              x.sizes());
+  check_dim(op, "weight", weight, 4);
+  TORCH_CHECK(weight.size(2) == weight.size(3), op, ": the kernel must be square, got weight of shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(2) >= 1, op, ": the kernel size must be at least 1, got weight of shape ",
+              weight.sizes());
+  const int64_t c_in = x.size(x.dim() - 3), h = x.size(x.dim() - 2), w = x.size(x.dim() - 1);
+  TORCH_CHECK(weight.size(1) == c_in, op, ": x has ", c_in, " input channels (shape ", x.sizes(),
+              ") but weight has shape ", weight.sizes(), " (C_out, C_in = ", weight.size(1), ", k, k)");
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(k <= h + 2 * padding && k <= w + 2 * padding, op, ": kernel size ", k,
+              " is larger than the padded input (", h + 2 * padding, " x ", w + 2 * padding, ")");
+  TORCH_CHECK(h + 2 * padding - k + 1 >= 2 && w + 2 * padding - k + 1 >= 2, op, ": the convolution output (",
+              h + 2 * padding - k + 1, " x ", w + 2 * padding - k + 1,
+              ") is smaller than one 2x2 pooling window");
+  return act;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias, int64_t padding,
+                                                     c10::string_view activation, bool save_act) {
+  constexpr const char* op = "conv_act_pool";
+  const Activation act = check_args(op, x, weight, padding, activation);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_same_dtype_device(op, "bias", *bias, "x", x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
+                weight.size(0), ",) to match weight, got ", bias->sizes());
+  }
+  const bool batched = x.dim() == 4;
+  const at::Tensor x4 = batched ? x : x.unsqueeze(0);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const int64_t n = x4.size(0);
+  at::Tensor out, saved;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_cpu", [&] {
+    const Geometry g = make_geometry<scalar_t>(x4, w, padding);
+    out = at::empty({n, g.o, g.ho, g.wo}, x.options());
+    saved = save_act ? at::empty({n, g.o, 2 * g.ho, 2 * g.wo}, x.options()) : at::empty({0}, x.options());
+    if (out.numel() == 0) return;
+    const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
+    // about 64k multiply-adds per task at least
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, g.o * g.c * g.k * g.k * 4 * g.ho * g.wo));
+    cpu::with_activation(act, [&](auto a) {
+      constexpr Activation A = decltype(a)::value;
+      with_kernel_size(g.k, [&](auto ks) {
+        constexpr int KS = decltype(ks)::value;
+        at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+          std::vector<scalar_t> buf(g.c * g.xh * g.xw, scalar_t(0));
+          cpu::run_kernel<ConvActPoolForward<scalar_t, A, KS>>(x_ptr, g, w_ptr, b_ptr, out_ptr, act_ptr, buf.data(),
+                                                               n0, n1);
+        });
+      });
+    });
+  });
+  if (!batched) {
+    out = out.squeeze(0);
+    if (save_act) saved = saved.squeeze(0);
+  }
+  return {out, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act_out,
+    int64_t padding, c10::string_view activation, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "conv_act_pool_backward";
+  const Activation act = check_args(op, x, weight, padding, activation);
+  check_same_dtype_device(op, "grad_out", grad_out, "x", x);
+  const bool batched = x.dim() == 4;
+  const at::Tensor x4 = batched ? x : x.unsqueeze(0);
+  const int64_t n = x4.size(0), c_out = weight.size(0), k = weight.size(2);
+  const int64_t ho = (x4.size(2) + 2 * padding - k + 1) / 2, wo = (x4.size(3) + 2 * padding - k + 1) / 2;
+  const std::vector<int64_t> out_shape{n, c_out, ho, wo};
+  const at::Tensor g4 = batched ? grad_out : grad_out.unsqueeze(0);
+  TORCH_CHECK(g4.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have the shape of the forward output ",
+              at::IntArrayRef(out_shape).slice(batched ? 0 : 1), ", got ", grad_out.sizes());
+  at::Tensor a4;
+  if (act != Activation::Identity) {
+    check_same_dtype_device(op, "act", act_out, "x", x);
+    a4 = batched ? act_out : act_out.unsqueeze(0);
+    TORCH_CHECK(a4.sizes() == at::IntArrayRef({n, c_out, 2 * ho, 2 * wo}), op,
+                ": act must be the activation saved by conv_act_pool (save_act=True), of shape ",
+                at::IntArrayRef({n, c_out, 2 * ho, 2 * wo}).slice(batched ? 0 : 1), ", got ", act_out.sizes());
+    a4 = a4.contiguous();
+  }
+  const at::Tensor g = g4.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  at::Tensor grad_x = need_x ? at::empty(x4.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_w = need_w ? at::empty(weight.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_b = need_b ? at::empty({c_out}, x.options()) : at::empty({0}, x.options());
+  if (need_x || need_w || need_b) {
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    const int64_t wsize = weight.numel();
+    at::Tensor w_partial = need_w ? at::empty({chunks, wsize}, x.options()) : at::Tensor();
+    at::Tensor b_partial = need_b ? at::empty({chunks, c_out}, x.options()) : at::Tensor();
+    // (C_in, C_out, k, k), flipped in both spatial dimensions: grad_x is the forward conv of dz with it
+    const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1).contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_backward_cpu", [&] {
+      const Geometry geo = make_geometry<scalar_t>(x4, w, padding);
+      const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
+      const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+      const scalar_t* a_ptr = a4.defined() ? a4.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* wf_ptr = need_x ? wflip.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* wp_ptr = need_w ? w_partial.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* bp_ptr = need_b ? b_partial.mutable_data_ptr<scalar_t>() : nullptr;
+      cpu::with_activation(act, [&](auto a) {
+        constexpr Activation A = decltype(a)::value;
+        with_kernel_size(geo.k, [&](auto ks) {
+          constexpr int KS = decltype(ks)::value;
+          at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+            std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw : 0, scalar_t(0));
+            std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
+            for (int64_t c = c0; c < c1; ++c) {
+              cpu::run_kernel<ConvActPoolBackward<scalar_t, A, KS>>(
+                  x_ptr, geo, wf_ptr, g_ptr, a_ptr, gx_ptr, wp_ptr ? wp_ptr + c * wsize : nullptr,
+                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), c * kChunk,
+                  std::min(n, (c + 1) * kChunk));
+            }
+          });
+        });
+      });
+      // chunk partials added in chunk order
+      if (need_w) {
+        scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
+        std::fill(gw, gw + wsize, scalar_t(0));
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t i = 0; i < wsize; ++i) gw[i] += wp_ptr[c * wsize + i];
+      }
+      if (need_b) {
+        scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
+        std::fill(gb, gb + c_out, scalar_t(0));
+        for (int64_t c = 0; c < chunks; ++c)
+          for (int64_t i = 0; i < c_out; ++i) gb[i] += bp_ptr[c * c_out + i];
+      }
+    });
+  }
+  if (need_x && !batched) grad_x = grad_x.squeeze(0);
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
+  m.impl("conv_act_pool", &conv_act_pool_cpu);
+  m.impl("conv_act_pool_backward", &conv_act_pool_backward_cpu);
+}
+
+}  // namespace fastmnist

@@ -1,0 +1,8 @@
+"""Benchmarks: one harness (harness.py, on torch.utils.benchmark) and one module per op plus the end-to-end
+training epochs; each module runs as `python -m fastmnist.bench.<name>`, and `fastmnist bench` runs them.
+Results are committed under benchmarks/results/ in the source tree."""
+
+from . import linear_act
+
+# the per-op benchmarks that `fastmnist bench` runs after the epochs; each has main(argv) with --quick and --out
+OP_BENCHMARKS = [linear_act]
