@@ -19,6 +19,7 @@ import torch
 import fastmnist
 from fastmnist import _lib
 from fastmnist.reference import (
+    conv_act_pool_reference,
     linear_act_reference,
     linear_cross_entropy_composition,
     sigmoid_bce_reference,
@@ -342,3 +343,52 @@ def test_sigmoid_bce_sum_deterministic(device, gen):
 def test_sigmoid_bce_device_mismatch(device):
     with pytest.raises(RuntimeError, match="target is on cpu"):
         fastmnist.sigmoid_bce(torch.randn(4, 3, device=device), torch.rand(4, 3))
+
+
+# ---------------------------------------------------------------- LeNet block (conv + activation + 2x2 pool)
+
+CONV_ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
+# (x shape, C_out, k, padding): LeNet's two blocks, an odd-sized input with floor pooling, and an unbatched one
+CONV_SHAPES = [((3, 1, 28, 28), 6, 5, 2), ((2, 6, 14, 14), 16, 5, 0), ((2, 3, 11, 9), 4, 3, 1), ((2, 7, 8), 3, 2, 0)]
+
+
+def conv_inputs(x_shape, c_out, k, gen):
+    c_in = x_shape[-3]
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64).requires_grad_()
+    w = (torch.randn(c_out, c_in, k, k, generator=gen, dtype=torch.float64) / (c_in * k * k) ** 0.5).requires_grad_()
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64).requires_grad_()
+    return x, w, b
+
+
+@pytest.mark.parametrize("activation", CONV_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_act_pool_matches_cpu(device, gen, activation, dtype, shape):
+    x_shape, c_out, k, padding = shape
+    x, w, b = conv_inputs(x_shape, c_out, k, gen)
+    compare_with_cpu(fastmnist.conv_act_pool, [x, w, b], dict(padding=padding, activation=activation), device, dtype)
+
+
+@pytest.mark.parametrize("activation", CONV_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", LOW)
+def test_conv_act_pool_low_precision(device, gen, activation, dtype):
+    x, w, b = conv_inputs((8, 6, 14, 14), 16, 5, gen)
+    compare_low_precision(fastmnist.conv_act_pool, conv_act_pool_reference, [x, w, b],
+                          dict(padding=0, activation=activation), device, dtype)
+
+
+def test_conv_act_pool_grads_deterministic(device, gen):
+    x, w, b = (t.detach().float().to(device).requires_grad_() for t in conv_inputs((70, 1, 28, 28), 6, 5, gen))
+    g = torch.randn(70, 6, 14, 14, generator=gen).to(device)
+    first = torch.autograd.grad(fastmnist.conv_act_pool(x, w, b, 2, "sigmoid"), (x, w, b), g)
+    for _ in range(2):
+        again = torch.autograd.grad(fastmnist.conv_act_pool(x, w, b, 2, "sigmoid"), (x, w, b), g)
+        assert all(torch.equal(a, f) for a, f in zip(again, first))
+
+
+def test_conv_act_pool_device_mismatch(device):
+    x = torch.randn(1, 1, 8, 8, device=device)
+    with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+        fastmnist.conv_act_pool(x, torch.randn(2, 1, 3, 3))
+    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
+        torch.ops.fastmnist.conv_act_pool(x, torch.randn(2, 1, 3, 3), None, 0, "relu", False)
