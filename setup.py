@@ -10,6 +10,7 @@ install with `pip install --no-build-isolation .` (pip's isolated build environm
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_namespace_packages, setup
@@ -32,20 +33,41 @@ def log(message):
     print(f"fastmnist build: {message}", file=sys.stderr, flush=True)
 
 
+def find_cuda_home():
+    """The CUDA toolkit: torch's own finding (only made for CUDA builds of torch), else $CUDA_HOME / $CUDA_PATH,
+    /usr/local/cuda, or the folder above the nvcc on PATH. None when there is no nvcc."""
+    candidates = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
 def want_cuda():
     """Decide whether to compile the CUDA kernels, and say why."""
     forced = os.environ.get("FASTMNIST_FORCE_CUDA")
     if forced == "0":
         return False, "FASTMNIST_FORCE_CUDA=0"
-    if cpp_extension.CUDA_HOME is None:
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
         if forced == "1":
-            sys.exit("fastmnist build: FASTMNIST_FORCE_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+            sys.exit("fastmnist build: FASTMNIST_FORCE_CUDA=1 but no CUDA toolkit was found (looked at CUDA_HOME, "
+                     "CUDA_PATH, /usr/local/cuda and nvcc on PATH); set CUDA_HOME to the toolkit's folder")
         return False, "no CUDA toolkit (nvcc) found"
     if forced == "1":
-        return True, f"FASTMNIST_FORCE_CUDA=1, nvcc in {cpp_extension.CUDA_HOME}"
+        # cpp_extension.CUDAExtension reads its module-level CUDA_HOME, which a CPU torch leaves at None
+        cpp_extension.CUDA_HOME = cuda_home
+        note = "" if torch.version.cuda else " (torch is a CPU build: expect the link to fail; " \
+            "tools/check_cuda_compile.sh is the compile check for such machines)"
+        return True, f"FASTMNIST_FORCE_CUDA=1, nvcc in {cuda_home}{note}"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU build (set FASTMNIST_FORCE_CUDA=1 to compile anyway)"
-    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is in {cpp_extension.CUDA_HOME}"
+    if cpp_extension.CUDA_HOME is None:
+        cpp_extension.CUDA_HOME = cuda_home
+    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is in {cuda_home}"
 
 
 def write_build_info(with_cuda):

@@ -5,6 +5,8 @@
 //   leaky_relu f'(z) = y > 0 ? 1 : slope            (needs slope >= 0: only then does y > 0 mean z > 0)
 //   sigmoid    f'(z) = y (1 - y)
 //   tanh       f'(z) = 1 - y^2
+// The scalar forward `activate` and the derivative are C10_HOST_DEVICE, for the CUDA kernels; the CPU kernels
+// use their vectorised twins in cpu/activation_vec.h.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -12,6 +14,7 @@
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace fastmnist {
 
@@ -31,6 +34,33 @@ inline void check_negative_slope(double negative_slope) {
   TORCH_CHECK(std::isfinite(negative_slope) && negative_slope >= 0,
               "fastmnist: negative_slope must be a finite number >= 0 (the backward pass recovers the "
               "derivative from the output, which is ambiguous for a negative slope), got ", negative_slope);
+}
+
+// Calls f(ActivationConstant<A>{}) with the activation as a compile-time constant, so that each kernel is
+// compiled once per activation with no branch inside: in f, `constexpr Activation A = decltype(a)::value;`.
+template <Activation A>
+using ActivationConstant = std::integral_constant<Activation, A>;
+
+template <typename F>
+inline auto with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::Identity: return f(ActivationConstant<Activation::Identity>{});
+    case Activation::Relu: return f(ActivationConstant<Activation::Relu>{});
+    case Activation::LeakyRelu: return f(ActivationConstant<Activation::LeakyRelu>{});
+    case Activation::Sigmoid: return f(ActivationConstant<Activation::Sigmoid>{});
+    case Activation::Tanh: break;
+  }
+  return f(ActivationConstant<Activation::Tanh>{});
+}
+
+// f(z) for one value (T float or double: the CUDA kernels call it in their accumulation type).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T activate(T z, T slope) {
+  if constexpr (A == Activation::Identity) return z;
+  if constexpr (A == Activation::Relu) return z > T(0) ? z : T(0);
+  if constexpr (A == Activation::LeakyRelu) return z > T(0) ? z : z * slope;
+  if constexpr (A == Activation::Sigmoid) return T(1) / (T(1) + std::exp(-z));  // saturates to 0 or 1, no NaN
+  if constexpr (A == Activation::Tanh) return std::tanh(z);
 }
 
 template <typename T>

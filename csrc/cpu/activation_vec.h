@@ -5,8 +5,6 @@
 #include "activation.h"
 #include "cpu/simd.h"
 
-#include <type_traits>
-
 namespace fastmnist::cpu {
 
 template <typename T>
@@ -54,21 +52,8 @@ FASTMNIST_INLINE Vec<T> vgrad_from_output(Vec<T> y, T slope) {
   if constexpr (A == Activation::Tanh) return T(1) - y * y;
 }
 
-template <Activation A>
-using ActivationConstant = std::integral_constant<Activation, A>;
-
-// Calls f(ActivationConstant<A>{}) with the activation as a compile-time constant, so that each kernel loop
-// is compiled once per activation with no branch inside: in f, `constexpr Activation A = decltype(a)::value;`.
-template <typename F>
-FASTMNIST_INLINE auto with_activation(Activation act, F&& f) {
-  switch (act) {
-    case Activation::Identity: return f(ActivationConstant<Activation::Identity>{});
-    case Activation::Relu: return f(ActivationConstant<Activation::Relu>{});
-    case Activation::LeakyRelu: return f(ActivationConstant<Activation::LeakyRelu>{});
-    case Activation::Sigmoid: return f(ActivationConstant<Activation::Sigmoid>{});
-    case Activation::Tanh: break;
-  }
-  return f(ActivationConstant<Activation::Tanh>{});
-}
+// The compile-time activation dispatch lives in activation.h, shared with the CUDA kernels.
+using fastmnist::ActivationConstant;
+using fastmnist::with_activation;
 
 }  // namespace fastmnist::cpu
