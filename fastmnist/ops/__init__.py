@@ -1,7 +1,8 @@
-"""Python side of the fastmnist custom ops: argument handling, fake (shape) kernels and autograd.
+"""Python side of the fastmnist custom ops: argument handling and fake (shape) kernels.
 
-Each submodule registers its ops' fake kernels and autograd formulas with torch.library, only when the compiled
-library loaded (registering them for ops that do not exist would fail at import).
+Each submodule registers its ops' fake kernels with torch.library, only when the compiled library loaded
+(registering them for ops that do not exist would fail at import). Autograd is registered in C++
+(csrc/*_autograd.cpp): at the tutorial models' sizes a Python autograd formula costs more than the op.
 """
 
 from .conv_act_pool import conv_act_pool

@@ -33,8 +33,3 @@ def check_devices(op, *tensors):
                     f"{op}: got a CUDA tensor, but fastmnist was built without CUDA kernels; rebuild with a CUDA "
                     "torch and nvcc (pip install --no-build-isolation .)"
                 )
-
-
-def empty_if_unneeded(needed, tensor):
-    """The backward ops return an empty tensor for a gradient that was not requested; autograd wants None."""
-    return tensor if needed else None

@@ -1,12 +1,12 @@
 """conv_act_pool: avg_pool2d(activation(conv2d(x, weight, bias, padding=padding)), 2), fused (the LeNet block),
-with its autograd and fake kernels."""
+the Python wrapper and the fake kernels (autograd is in C++, csrc/conv_act_pool_autograd.cpp)."""
 
 import numbers
 
 import torch
 
 from .. import _lib
-from ._common import check_devices, empty_if_unneeded
+from ._common import check_devices
 
 ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
 
@@ -74,41 +74,8 @@ def _conv_act_pool_backward_fake(grad_out, x, weight, act, padding, activation, 
     return grad_x, grad_weight, grad_bias
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, padding, activation, save_act = inputs
-    _, act = output
-    # The activation derivative is a function of the activation output, so act (plus x and W for the
-    # convolution gradients) is all backward needs.
-    ctx.save_for_backward(x, weight, act)
-    ctx.mark_non_differentiable(act)
-    ctx.padding = padding
-    ctx.activation = activation
-    ctx.save_act = save_act
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out, _grad_act):
-    if not ctx.save_act and ctx.activation != "identity":
-        raise RuntimeError(
-            "conv_act_pool: backward needs the activation, but the op ran with save_act=False; call it with "
-            "save_act=True (fastmnist.conv_act_pool does so whenever a gradient is needed)"
-        )
-    x, weight, act = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_x, grad_weight, grad_bias = torch.ops.fastmnist.conv_act_pool_backward(
-        grad_out, x, weight, act, ctx.padding, ctx.activation, mask
-    )
-    return (
-        empty_if_unneeded(mask[0], grad_x),
-        empty_if_unneeded(mask[1], grad_weight),
-        empty_if_unneeded(mask[2], grad_bias),
-        None,
-        None,
-        None,
-    )
-
-
 if _lib.LOADED:
     torch.library.register_fake("fastmnist::conv_act_pool")(_conv_act_pool_fake)
     torch.library.register_fake("fastmnist::conv_act_pool_backward")(_conv_act_pool_backward_fake)
-    torch.library.register_autograd("fastmnist::conv_act_pool", _backward, setup_context=_setup_context)
+    # autograd is registered in C++ (csrc/conv_act_pool_autograd.cpp), like the other ops'
+
