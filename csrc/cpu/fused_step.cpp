@@ -475,7 +475,7 @@ class FusedStep : public torch::CustomClassHolder {
       at::Tensor& step_count = state_[3 * index];
       step_count.add_(1);
       const double t = step_count.item<double>();
-      const T b1 = static_cast<T>(beta1_), b2 = static_cast<T>(beta2_);
+      const T b2 = static_cast<T>(beta2_);
       const T one_minus_b1 = static_cast<T>(1 - beta1_), one_minus_b2 = static_cast<T>(1 - beta2_);
       const T step_size = static_cast<T>(lr / (1 - std::pow(beta1_, t)));
       const T bias_correction2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(beta2_, t)));
@@ -491,13 +491,13 @@ class FusedStep : public torch::CustomClassHolder {
             if (decoupled) p[i] *= decay;
             else d += p[i] * wd;
           }
-          m[i] += one_minus_b1 * (d - m[i]);  // lerp(m, d, 1 - beta1) for 1 - beta1 < 0.5, as ATen computes it
+          // m = lerp(m, d, 1 - beta1), in ATen's two forms (chosen by the weight), so the rounding is eager's
+          m[i] = one_minus_b1 < T(0.5) ? m[i] + one_minus_b1 * (d - m[i]) : d - (d - m[i]) * (T(1) - one_minus_b1);
           v[i] = v[i] * b2 + one_minus_b2 * d * d;
           const T denom = std::sqrt(v[i]) / bias_correction2_sqrt + eps;
           p[i] += -step_size * (m[i] / denom);
         }
       });
-      (void)b1;
     });
   }
 
