@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -387,7 +388,8 @@ def cmd_bench(args):
     path = epochs.run(args.models, quick=args.quick, data_root=args.data, out=out, log=_log)
     print(f"epoch benchmark: {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
     if not args.no_ops:
-        for module in OP_BENCHMARKS:
+        for name in OP_BENCHMARKS:
+            module = importlib.import_module(f"fastmnist.bench.{name}")
             module.main((["--quick"] if args.quick else []) + ["--out", out])
     return 0
 

@@ -2,7 +2,6 @@
 training epochs; each module runs as `python -m fastmnist.bench.<name>`, and `fastmnist bench` runs them.
 Results are committed under benchmarks/results/ in the source tree."""
 
-from . import conv_act_pool, linear_act, losses
-
-# the per-op benchmarks that `fastmnist bench` runs after the epochs; each has main(argv) with --quick and --out
-OP_BENCHMARKS = [linear_act, losses, conv_act_pool]
+# the per-op benchmark modules that `fastmnist bench` runs after the epochs (imported there, not here, so that
+# `python -m fastmnist.bench.<name>` runs cleanly); each has main(argv) with --quick and --out
+OP_BENCHMARKS = ("linear_act", "losses", "conv_act_pool")

@@ -1,0 +1,21 @@
+"""`fastmnist bench --quick` produces its three result files (the timings themselves are not tested)."""
+
+import json
+
+from PIL import Image
+
+from fastmnist import cli
+
+
+def test_bench_quick_writes_json_table_and_chart(tmp_path):
+    assert cli.main(["bench", "--quick", "--models", "softmax", "--no-ops", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "epochs_quick.json").read_text())
+    assert {"machine", "torch", "commit", "date"} <= set(document["stamp"])
+    (row,) = document["rows"]
+    assert row["case"].startswith("softmax b=256")
+    assert set(row["timings"]) == {"eager", "fused modules", "fused step"}
+    for timing in row["timings"].values():
+        assert timing["min_us"] <= timing["median_us"] <= timing["max_us"] and timing["median_us"] > 0
+    assert "| softmax b=256 |" in (tmp_path / "epochs_quick.md").read_text()
+    with Image.open(tmp_path / "epochs_quick.png") as image:
+        assert image.format == "PNG" and image.width > 100
