@@ -11,12 +11,13 @@ trap 'rm -rf "$scratch"' EXIT
 git ls-files -z | xargs -0 cp --parents -t "$scratch"
 cd "$scratch"
 echo "sanitize: building with ASan + UBSan in $scratch"
-FASTMNIST_SANITIZE=1 FASTMNIST_FORCE_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace 2>&1 | grep -E "fastmnist build|error" || true
-test -n "$(ls fastmnist/_C*.so 2>/dev/null)" || { echo "sanitize: the build failed" >&2; exit 1; }
+FASTMNIST_SANITIZE=1 FASTMNIST_FORCE_CUDA=0 "$PYTHON" setup.py -q build_ext --inplace > build.log 2>&1 \
+  || { tail -40 build.log >&2; echo "sanitize: the build failed" >&2; exit 1; }
+grep "fastmnist build" build.log
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
   tests=(tests/test_conv_act_pool.py tests/test_linear_act.py tests/test_cross_entropy.py tests/test_sigmoid_bce.py
-         tests/test_linear_cross_entropy.py tests/test_fused_step.py -k "not float64 or lenet")
+         tests/test_linear_cross_entropy.py)
 fi
 # Python itself is not instrumented: preload the runtimes; leaks of the interpreter are not ours to report.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
