@@ -136,9 +136,9 @@ struct CrossEntropyRows {
     const Vec<T> zero = cpu::broadcast<T>(T(0));
     const IntVec<T> tail = cpu::lane_mask<T>(C % kWidth<T>);
     for (int64_t r = r0; r < r1; ++r) {
-      // Rows before the last of this range may read and write back (unchanged) a vector past their end: it lies
-      // in the next row, which this call handles later.
-      const bool over = r + 1 < r1;
+      // A row's tail vector may read and write back (unchanged) elements past the row's end when they all lie
+      // in the rows after it that this call handles later: (r1 - r - 1) * C of them, at least W - C % W needed.
+      const bool over = (r1 - r - 1) * C >= kWidth<T> - C % kWidth<T>;
       const T* x = p.x + r * C;
       const double lse = p.lse_in ? p.lse[r] : row_lse<T>(x, C, over, tail);
       if (!p.lse_in) p.lse[r] = lse;
