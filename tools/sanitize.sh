@@ -2,8 +2,7 @@
 # Builds the C++ kernels once with AddressSanitizer and UndefinedBehaviorSanitizer (FASTMNIST_SANITIZE=1) in a
 # scratch copy of the tree, and runs the kernels' tests under them: any out-of-bounds access or undefined
 # behaviour fails the run. The normal build in this tree is left alone.
-# Usage: tools/sanitize.sh [pytest args]   (default: the LeNet block's and linear_act's tests; the loss tests
-# abort under the sanitizers as of this commit and are being investigated, see the issue notes)
+# Usage: tools/sanitize.sh [pytest args]   (default: the tests of every op's CPU kernels)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,7 +16,8 @@ FASTMNIST_SANITIZE=1 FASTMNIST_FORCE_CUDA=0 "$PYTHON" setup.py -q build_ext --in
 grep "fastmnist build" build.log
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
-  tests=(tests/test_conv_act_pool.py tests/test_linear_act.py)
+  tests=(tests/test_conv_act_pool.py tests/test_linear_act.py tests/test_cross_entropy.py tests/test_sigmoid_bce.py
+         tests/test_linear_cross_entropy.py)
 fi
 # Python itself is not instrumented: preload the runtimes; leaks of the interpreter are not ours to report.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
