@@ -7,7 +7,7 @@
 // gradients live in a workspace allocated once per batch size and reused.
 //
 // Per step:
-//   forward   a_i = layer_i(a_{i-1}), each layer writing into its workspace buffer; the layer outputs are
+//   forward   a_i = layer_i(a_{i-1}), each layer writing into its workspace buffer (a flatten is a view); the outputs are
 //             what backward needs (linear: the output gives the activation derivative; layer norm also keeps
 //             the per-row mean and 1/std; the LeNet block keeps its pre-pooling activation, and allocates its
 //             outputs per call, as its op does)
@@ -31,6 +31,7 @@
 #include "activation.h"
 #include "checks.h"
 #include "cpu/linear_act.h"
+#include "cpu/optimizer_update.h"
 
 namespace fastmnist {
 namespace {
@@ -82,7 +83,10 @@ struct Workspace {
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
 };
 
-constexpr int64_t kGrain = 32768;  // elements per task in the element-wise passes (ATen's grain)
+// Elements per task in the optimizer updates. A parallel region costs microseconds on a quiet machine and
+// milliseconds when another process holds a core (a thread waits out a time slice), so only updates big
+// enough to pay for it (784x400 weights, not 784x200) are split across threads.
+constexpr int64_t kGrain = 1 << 18;
 
 template <typename T>
 T sigmoid(T z) {
@@ -197,7 +201,8 @@ class FusedStep : public torch::CustomClassHolder {
           out = at::empty({rows, layer.weight.size(0)}, options);
           break;
         case LayerKind::Flatten:
-          out = at::empty({rows, a.numel() / std::max<int64_t>(rows, 1)}, options);
+          // a view of its input in forward (set per step), and its gradient a view of the input's gradient
+          out = a.view({rows, -1});
           break;
         case LayerKind::ConvActPool: {
           TORCH_CHECK(a.dim() == 4 && a.size(1) == layer.weight.size(1), "fused_step: a conv block expects (N, ",
@@ -217,7 +222,8 @@ class FusedStep : public torch::CustomClassHolder {
           break;
       }
       ws.outputs.push_back(out);
-      ws.grads.push_back(at::empty_like(out));
+      const bool grad_is_view = layer.kind == LayerKind::Flatten && !ws.grads.empty();
+      ws.grads.push_back(grad_is_view ? ws.grads.back().view(out.sizes()) : at::empty_like(out));
       ws.row_stats.push_back(stats);
       ws.saved.emplace_back();
       a = out;
@@ -237,7 +243,7 @@ class FusedStep : public torch::CustomClassHolder {
                                   layer.negative_slope);
           break;
         case LayerKind::Flatten:
-          out.copy_(a.view(out.sizes()));
+          out = a.view(out.sizes());
           break;
         case LayerKind::LayerNorm:
           layer_norm_forward(a, layer, out, ws.row_stats[i]);
@@ -382,8 +388,7 @@ class FusedStep : public torch::CustomClassHolder {
           if (layer.bias.defined()) update(pw + 1, grad_bias, lr);
           break;
         }
-        case LayerKind::Flatten:
-          if (need_input_grad) grad_in.copy_(g.view(grad_in.sizes()));
+        case LayerKind::Flatten:  // its gradient is a view of its input's
           break;
         case LayerKind::ConvActPool: {
           auto [grad_x, grad_w, grad_b] = conv_act_pool_backward_op(g, in, layer, ws.saved[i], need_input_grad);
@@ -445,7 +450,8 @@ class FusedStep : public torch::CustomClassHolder {
     });
   }
 
-  // The optimizer update of parameter `index` with gradient `grad`, in torch.optim's order of operations.
+  // The optimizer update of parameter `index` with gradient `grad` (cpu/optimizer_update.h), in chunks of
+  // kGrain elements: only parameters of several chunks are split across threads.
   void update(size_t index, const at::Tensor& grad, double lr) {
     at::Tensor& param = params_[index];
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_step_update", [&] {
@@ -453,52 +459,38 @@ class FusedStep : public torch::CustomClassHolder {
       T* p = param.mutable_data_ptr<T>();
       const T* g = grad.const_data_ptr<T>();
       const int64_t n = param.numel();
-      const T wd = static_cast<T>(weight_decay_);
       if (optimizer_ == OptimizerKind::SGD) {
-        const T momentum = static_cast<T>(momentum_), damp = static_cast<T>(1 - dampening_);
-        const T step = static_cast<T>(lr);
+        const cpu::SgdArgs<T> args{static_cast<T>(lr), static_cast<T>(weight_decay_), static_cast<T>(momentum_),
+                                   static_cast<T>(1 - dampening_), nesterov_, fresh_momentum_};
         T* buf = momentum_ != 0 ? state_[index].mutable_data_ptr<T>() : nullptr;
-        const bool fresh = fresh_momentum_;
         at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            T d = wd != T(0) ? g[i] + p[i] * wd : g[i];
-            if (buf != nullptr) {
-              buf[i] = fresh ? d : buf[i] * momentum + d * damp;
-              d = nesterov_ ? d + buf[i] * momentum : buf[i];
-            }
-            p[i] -= d * step;
-          }
+          cpu::run_kernel<cpu::SgdUpdate<T>>(p + i0, g + i0, buf ? buf + i0 : nullptr, i1 - i0, args);
         });
         return;
       }
-      // Adam / AdamW
-      at::Tensor& step_count = state_[3 * index];
-      step_count.add_(1);
-      const double t = step_count.item<double>();
-      const T b2 = static_cast<T>(beta2_);
-      const T one_minus_b1 = static_cast<T>(1 - beta1_), one_minus_b2 = static_cast<T>(1 - beta2_);
-      const T step_size = static_cast<T>(lr / (1 - std::pow(beta1_, t)));
-      const T bias_correction2_sqrt = static_cast<T>(std::sqrt(1 - std::pow(beta2_, t)));
-      const T eps = static_cast<T>(adam_eps_);
-      const T decay = static_cast<T>(1 - lr * weight_decay_);
+      const double t = increment_step(state_[3 * index]);
+      const cpu::AdamArgs<T> args{static_cast<T>(lr / (1 - std::pow(beta1_, t))),
+                                  static_cast<T>(std::sqrt(1 - std::pow(beta2_, t))),
+                                  static_cast<T>(1 - beta1_), static_cast<T>(beta2_), static_cast<T>(1 - beta2_),
+                                  static_cast<T>(adam_eps_), static_cast<T>(weight_decay_),
+                                  static_cast<T>(1 - lr * weight_decay_), decoupled_};
       T* m = state_[3 * index + 1].mutable_data_ptr<T>();
       T* v = state_[3 * index + 2].mutable_data_ptr<T>();
-      const bool decoupled = decoupled_;
       at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          T d = g[i];
-          if (wd != T(0)) {
-            if (decoupled) p[i] *= decay;
-            else d += p[i] * wd;
-          }
-          // m = lerp(m, d, 1 - beta1), in ATen's two forms (chosen by the weight), so the rounding is eager's
-          m[i] = one_minus_b1 < T(0.5) ? m[i] + one_minus_b1 * (d - m[i]) : d - (d - m[i]) * (T(1) - one_minus_b1);
-          v[i] = v[i] * b2 + one_minus_b2 * d * d;
-          const T denom = std::sqrt(v[i]) / bias_correction2_sqrt + eps;
-          p[i] += -step_size * (m[i] / denom);
-        }
+        cpu::run_kernel<cpu::AdamUpdate<T>>(p + i0, g + i0, m + i0, v + i0, i1 - i0, args);
       });
     });
+  }
+
+  // Adam's step count, a scalar tensor as torch.optim keeps it: += 1 in place; returns the new count.
+  static double increment_step(at::Tensor& step_count) {
+    double t = 0;
+    AT_DISPATCH_FLOATING_TYPES(step_count.scalar_type(), "fused_step_adam_step", [&] {
+      scalar_t* s = step_count.mutable_data_ptr<scalar_t>();
+      *s += scalar_t(1);
+      t = static_cast<double>(*s);
+    });
+    return t;
   }
 
   static constexpr int64_t kIgnoreIndex = -100;

@@ -74,6 +74,13 @@ FASTMNIST_INLINE Vec<T> vmin(Vec<T> a, Vec<T> b) {
   return a < b ? a : b;
 }
 
+// sqrt of every lane (GCC turns the lane loop into one vsqrtps/vsqrtpd; correctly rounded, as std::sqrt).
+template <typename T>
+FASTMNIST_INLINE Vec<T> vsqrt(Vec<T> v) {
+  for (int i = 0; i < kWidth<T>; ++i) v[i] = std::sqrt(v[i]);
+  return v;
+}
+
 // exp(x) for every lane: x = n*ln2 + r with |r| <= ln2/2, exp(r) by its Taylor polynomial (degree 7 for
 // float, 12 for double: truncation below half an ulp), then scaled by 2^n through the exponent bits.
 // Inputs are clamped to the finite range first, so the result saturates (to ~0 or ~max) instead of
