@@ -27,7 +27,10 @@ using cpu::Vec;
 using cpu::kWidth;
 
 constexpr int64_t kSmallN = 16;      // at most this many outputs: our own dot-product kernel
-constexpr int64_t kRowChunk = 32;    // rows per task in the element-wise passes and the bias reduction
+constexpr int64_t kRowChunk = 32;    // rows per chunk of the bias reduction (fixed: the sum order depends on it)
+// Elements per task in the element-wise passes: a smaller pass runs on one thread, since a parallel region
+// costs more than it saves (and a time slice when another process holds a core).
+constexpr int64_t kMinTaskElements = 16384;
 
 // y[r, :] = act(y[r, :] + b) for rows [r0, r1) of a (rows, n) row-major block.
 template <typename T, Activation A>
@@ -70,7 +73,9 @@ FASTMNIST_INLINE void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw,
   }
 }
 
-// Rows [r0, r1) of y = act(x @ W^T + b) for n <= kSmallN outputs, tiles of 2 rows x 4 outputs.
+// Rows [r0, r1) of y = act(x @ W^T + b) for n <= kSmallN outputs, in tiles of 4 rows x 3 outputs: 12
+// accumulators, and 7 vector loads per 12 FMAs, so the tile runs at the FMA rate even on CPUs that load one
+// 32-byte vector per cycle (a 1-output tile would be load-bound).
 template <typename T, Activation A>
 struct SmallNLinearAct {
   template <int R, int C>
@@ -86,13 +91,14 @@ struct SmallNLinearAct {
   static FASTMNIST_INLINE void row_block(const T* x, const T* w, const T* bias, T* y, int64_t r, int64_t n,
                                          int64_t k, T slope) {
     int64_t c = 0;
-    for (; c + 4 <= n; c += 4) tile<R, 4>(x, w, bias, y, r, c, n, k, slope);
-    for (; c < n; ++c) tile<R, 1>(x, w, bias, y, r, c, n, k, slope);
+    for (; c + 3 <= n; c += 3) tile<R, 3>(x, w, bias, y, r, c, n, k, slope);
+    if (n - c == 2) tile<R, 2>(x, w, bias, y, r, c, n, k, slope);
+    if (n - c == 1) tile<R, 1>(x, w, bias, y, r, c, n, k, slope);
   }
   static FASTMNIST_INLINE void run(const T* x, const T* w, const T* bias, T* y, int64_t r0, int64_t r1, int64_t n,
                                    int64_t k, T slope) {
     int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) row_block<2>(x, w, bias, y, r, n, k, slope);
+    for (; r + 4 <= r1; r += 4) row_block<4>(x, w, bias, y, r, n, k, slope);
     for (; r < r1; ++r) row_block<1>(x, w, bias, y, r, n, k, slope);
   }
 };
@@ -148,15 +154,15 @@ void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Ten
       if (n <= kSmallN) {
         const scalar_t* x_ptr = x2d.const_data_ptr<scalar_t>();
         const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
-        // a grain of ~64k multiply-adds per task
-        const int64_t grain = std::max<int64_t>(2, 65536 / std::max<int64_t>(1, n * k));
+        // a grain of ~64k multiply-adds per task, in whole 4-row tiles
+        const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, n * k) / 4 * 4);
         at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
           cpu::run_kernel<SmallNLinearAct<scalar_t, A>>(x_ptr, w_ptr, bias_ptr, y_ptr, r0, r1, n, k, slope);
         });
       } else {
         at::mm_out(y, x2d, w.t());
         if (A == Activation::Identity && !has_bias) return;
-        at::parallel_for(0, m, kRowChunk, [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, m, std::max(kRowChunk, kMinTaskElements / n), [&](int64_t r0, int64_t r1) {
           cpu::run_kernel<BiasActRows<scalar_t, A>>(y_ptr, bias_ptr, r0, r1, n, slope);
         });
       }
@@ -180,7 +186,8 @@ void linear_act_grad_pre_into(at::Tensor& gz, at::Tensor& grad_bias, const at::T
     scalar_t* partial_ptr = need_bias ? partials.mutable_data_ptr<scalar_t>() : nullptr;
     cpu::with_activation(act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t chunks_per_task = std::max<int64_t>(1, kMinTaskElements / (kRowChunk * n));
+      at::parallel_for(0, chunks, chunks_per_task, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           cpu::run_kernel<ActGradRows<scalar_t, A>>(g_ptr, y_ptr, gz_ptr, partial_ptr ? partial_ptr + c * n : nullptr,
                                                     c * kRowChunk, std::min(m, (c + 1) * kRowChunk), n, slope);
