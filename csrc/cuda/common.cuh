@@ -29,6 +29,11 @@ inline void check_float_tensor(const char* op, const char* name, const at::Tenso
               " must be float32, float64, float16 or bfloat16, got ", s);
 }
 
+// The CUDA ops' own device check; the argument headers (*_args.h) check that the other tensors are on x's device.
+inline void check_cuda_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got one on ", t.device());
+}
+
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
