@@ -45,4 +45,12 @@ inline at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& 
   return bias->contiguous();
 }
 
+// The `reduction` argument of the loss ops: an int, as in ATen.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+inline void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+}
+
 }  // namespace fastmnist

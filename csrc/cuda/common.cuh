@@ -37,8 +37,6 @@ inline void check_cuda_tensor(const char* op, const char* name, const at::Tensor
 template <typename T>
 using acc_t = at::opmath_type<T>;
 
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
-
 constexpr int kWarp = 32;
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
