@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "activation.h"
-#include "checks.h"
+#include "conv_act_pool_args.h"
 #include "cpu/activation_vec.h"
 
 namespace fastmnist {
@@ -84,12 +84,12 @@ struct Geometry {
 };
 
 template <typename T>
-Geometry make_geometry(const at::Tensor& x4, const at::Tensor& w, int64_t pad) {
+Geometry make_geometry(const at::Tensor& x4, const ConvActPoolShape& s) {
   constexpr int W = kWidth<T>;
   Geometry g;
-  g.c = x4.size(1), g.h = x4.size(2), g.w = x4.size(3);
-  g.o = w.size(0), g.k = w.size(2), g.pad = pad;
-  g.ho = (g.h + 2 * pad - g.k + 1) / 2, g.wo = (g.w + 2 * pad - g.k + 1) / 2;
+  g.c = s.c, g.h = s.h, g.w = s.w;
+  g.o = s.o, g.k = s.k, g.pad = s.pad;
+  g.ho = s.ho, g.wo = s.wo;
   g.sxn = x4.stride(0), g.sxc = x4.stride(1), g.sxh = x4.stride(2), g.sxw = x4.stride(3);
   g.tiles = (2 * g.wo + kColVecs * W - 1) / (kColVecs * W);
   g.dcols = round_up(2 * g.wo, W);
@@ -97,8 +97,8 @@ Geometry make_geometry(const at::Tensor& x4, const at::Tensor& w, int64_t pad) {
   g.xw = std::max(g.tiles * kColVecs * W, g.dcols) + g.k - 1;
   const int64_t q = g.k - 1;
   g.in_tiles = (g.w + kColVecs * W - 1) / (kColVecs * W);
-  g.dh = std::max(q + 2 * g.ho, pad + g.h + g.k - 1);
-  g.dw = std::max(q + g.dcols, pad + g.in_tiles * kColVecs * W + g.k - 1);
+  g.dh = std::max(q + 2 * g.ho, g.pad + g.h + g.k - 1);
+  g.dw = std::max(q + g.dcols, g.pad + g.in_tiles * kColVecs * W + g.k - 1);
   return g;
 }
 
@@ -395,68 +395,32 @@ auto with_kernel_size(int64_t k, F&& f) {
   return f(std::integral_constant<int, 0>{});
 }
 
-// Checks shared by forward and backward; returns the activation. x: (N, C, H, W) or (C, H, W).
-Activation check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t padding,
-                      c10::string_view activation) {
-  const Activation act = parse_activation(activation);
-  TORCH_CHECK(act != Activation::LeakyRelu, op,
-              ": activation 'leaky_relu' is not supported; expected one of identity, relu, sigmoid, tanh");
-  check_float_tensor(op, "x", x);
-  check_float_tensor(op, "weight", weight);
-  check_same_dtype_device(op, "weight", weight, "x", x);
-  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
-  TORCH_CHECK(x.dim() == 4 || x.dim() == 3, op, ": x must have shape (N, C_in, H, W) or (C_in, H, W), got shape ",
-              x.sizes());
-  check_dim(op, "weight", weight, 4);
-  TORCH_CHECK(weight.size(2) == weight.size(3), op, ": the kernel must be square, got weight of shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(2) >= 1, op, ": the kernel size must be at least 1, got weight of shape ",
-              weight.sizes());
-  const int64_t c_in = x.size(x.dim() - 3), h = x.size(x.dim() - 2), w = x.size(x.dim() - 1);
-  TORCH_CHECK(weight.size(1) == c_in, op, ": x has ", c_in, " input channels (shape ", x.sizes(),
-              ") but weight has shape ", weight.sizes(), " (C_out, C_in = ", weight.size(1), ", k, k)");
-  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
-  const int64_t k = weight.size(2);
-  TORCH_CHECK(k <= h + 2 * padding && k <= w + 2 * padding, op, ": kernel size ", k,
-              " is larger than the padded input (", h + 2 * padding, " x ", w + 2 * padding, ")");
-  TORCH_CHECK(h + 2 * padding - k + 1 >= 2 && w + 2 * padding - k + 1 >= 2, op, ": the convolution output (",
-              h + 2 * padding - k + 1, " x ", w + 2 * padding - k + 1,
-              ") is smaller than one 2x2 pooling window");
-  return act;
-}
-
 std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias, int64_t padding,
                                                      c10::string_view activation, bool save_act) {
   constexpr const char* op = "conv_act_pool";
-  const Activation act = check_args(op, x, weight, padding, activation);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_same_dtype_device(op, "bias", *bias, "x", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
-                weight.size(0), ",) to match weight, got ", bias->sizes());
-  }
-  const bool batched = x.dim() == 4;
-  const at::Tensor x4 = batched ? x : x.unsqueeze(0);
+  const ConvActPoolArgs args = check_conv_act_pool_args(op, check_float_tensor, x, weight, padding, activation);
+  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
+  const at::Tensor b = checked_bias(op, bias, x, weight);
+  const at::Tensor& x4 = args.x4;
   const at::Tensor w = weight.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t n = x4.size(0);
+  const int64_t n = args.shape.n;
   at::Tensor wvec;
   at::Tensor out, saved;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_cpu", [&] {
-    const Geometry g = make_geometry<scalar_t>(x4, w, padding);
+    const Geometry g = make_geometry<scalar_t>(x4, args.shape);
     out = at::empty({n, g.o, g.ho, g.wo}, x.options());
     saved = save_act ? at::empty({n, g.o, 2 * g.ho, 2 * g.wo}, x.options()) : at::empty({0}, x.options());
     if (out.numel() == 0) return;
     const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
     wvec = broadcast_weights<scalar_t>(w);
     const scalar_t* w_ptr = wvec.const_data_ptr<scalar_t>();
-    const scalar_t* b_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
     // about 64k multiply-adds per task at least
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, g.o * g.c * g.k * g.k * 4 * g.ho * g.wo));
-    cpu::with_activation(act, [&](auto a) {
+    cpu::with_activation(args.act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       with_kernel_size(g.k, [&](auto ks) {
         constexpr int KS = decltype(ks)::value;
@@ -468,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
       });
     });
   });
-  if (!batched) {
+  if (!args.batched) {
     out = out.squeeze(0);
     if (save_act) saved = saved.squeeze(0);
   }
@@ -479,26 +443,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act_out,
     int64_t padding, c10::string_view activation, std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv_act_pool_backward";
-  const Activation act = check_args(op, x, weight, padding, activation);
-  check_same_dtype_device(op, "grad_out", grad_out, "x", x);
-  const bool batched = x.dim() == 4;
-  const at::Tensor x4 = batched ? x : x.unsqueeze(0);
-  const int64_t n = x4.size(0), c_out = weight.size(0), k = weight.size(2);
-  const int64_t ho = (x4.size(2) + 2 * padding - k + 1) / 2, wo = (x4.size(3) + 2 * padding - k + 1) / 2;
-  const std::vector<int64_t> out_shape{n, c_out, ho, wo};
-  const at::Tensor g4 = batched ? grad_out : grad_out.unsqueeze(0);
-  TORCH_CHECK(g4.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have the shape of the forward output ",
-              at::IntArrayRef(out_shape).slice(batched ? 0 : 1), ", got ", grad_out.sizes());
-  at::Tensor a4;
-  if (act != Activation::Identity) {
-    check_same_dtype_device(op, "act", act_out, "x", x);
-    a4 = batched ? act_out : act_out.unsqueeze(0);
-    TORCH_CHECK(a4.sizes() == at::IntArrayRef({n, c_out, 2 * ho, 2 * wo}), op,
-                ": act must be the activation saved by conv_act_pool (save_act=True), of shape ",
-                at::IntArrayRef({n, c_out, 2 * ho, 2 * wo}).slice(batched ? 0 : 1), ", got ", act_out.sizes());
-    a4 = a4.contiguous();
-  }
-  const at::Tensor g = g4.contiguous();
+  const ConvActPoolArgs args = check_conv_act_pool_args(op, check_float_tensor, x, weight, padding, activation);
+  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
+  const ConvActPoolBackwardInputs in = check_conv_act_pool_backward_inputs(op, grad_out, act_out, x, args);
+  const at::Tensor& x4 = args.x4;
+  const int64_t n = args.shape.n, c_out = args.shape.o;
   const at::Tensor w = weight.contiguous();
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   at::Tensor grad_x = need_x ? at::empty(x4.sizes(), x.options()) : at::empty({0}, x.options());
@@ -512,16 +461,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
     // (C_in, C_out, k, k), flipped in both spatial dimensions: grad_x is the forward conv of dz with it
     const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_backward_cpu", [&] {
-      const Geometry geo = make_geometry<scalar_t>(x4, w, padding);
+      const Geometry geo = make_geometry<scalar_t>(x4, args.shape);
       const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
-      const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
-      const scalar_t* a_ptr = a4.defined() ? a4.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* g_ptr = in.grad_out.const_data_ptr<scalar_t>();
+      const scalar_t* a_ptr = in.act.defined() ? in.act.const_data_ptr<scalar_t>() : nullptr;
       const at::Tensor wflip_vec = need_x ? broadcast_weights<scalar_t>(wflip) : at::Tensor();
       const scalar_t* wf_ptr = need_x ? wflip_vec.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* wp_ptr = need_w ? w_partial.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* bp_ptr = need_b ? b_partial.mutable_data_ptr<scalar_t>() : nullptr;
-      cpu::with_activation(act, [&](auto a) {
+      cpu::with_activation(args.act, [&](auto a) {
         constexpr Activation A = decltype(a)::value;
         with_kernel_size(geo.k, [&](auto ks) {
           constexpr int KS = decltype(ks)::value;
@@ -553,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
       }
     });
   }
-  if (need_x && !batched) grad_x = grad_x.squeeze(0);
+  if (need_x && !args.batched) grad_x = grad_x.squeeze(0);
   return {grad_x, grad_w, grad_b};
 }
 

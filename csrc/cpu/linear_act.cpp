@@ -16,9 +16,9 @@
 #include <torch/library.h>
 
 #include "activation.h"
-#include "checks.h"
 #include "cpu/activation_vec.h"
 #include "cpu/linear_act.h"
+#include "linear_act_args.h"
 
 namespace fastmnist {
 namespace {
@@ -127,18 +127,6 @@ struct ActGradRows {
   }
 };
 
-constexpr const char* kOp = "linear_act";
-
-void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
-  check_float_tensor(op, "x", x);
-  check_float_tensor(op, "weight", weight);
-  check_same_dtype_device(op, "weight", weight, "x", x);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (*, in_features), got a 0-dimensional tensor");
-  check_dim(op, "weight", weight, 2);
-  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has in_features = ", x.size(-1),
-              " but weight has shape ", weight.sizes(), " (out_features, in_features = ", weight.size(1), ")");
-}
-
 }  // namespace
 
 void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& b,
@@ -208,53 +196,31 @@ namespace {
 
 at::Tensor linear_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_negative_slope(negative_slope);
-  check_linear_args(kOp, x, weight);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_same_dtype_device(kOp, "bias", *bias, "x", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": bias must have shape (",
-                weight.size(0), ",) to match weight, got ", bias->sizes());
-  }
-  const int64_t k = weight.size(1), n = weight.size(0);
-  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
-  at::Tensor y = at::empty({x2d.size(0), n}, x.options());
-  linear_act_forward_into(y, x2d, weight.contiguous(), has_bias ? bias->contiguous() : at::Tensor(), act,
-                          negative_slope);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  return y.view(out_shape);
+  const LinearActForwardArgs args =
+      check_linear_act_args("linear_act", check_float_tensor, x, weight, bias, activation, negative_slope);
+  at::Tensor y = at::empty({args.x2d.size(0), args.n}, x.options());
+  linear_act_forward_into(y, args.x2d, weight.contiguous(), args.bias, args.act, negative_slope);
+  return y.view(args.out_shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     c10::string_view activation, double negative_slope, std::array<bool, 3> output_mask) {
-  constexpr const char* op = "linear_act_backward";
-  const Activation act = parse_activation(activation);
-  check_negative_slope(negative_slope);
-  check_linear_args(op, x, weight);
-  check_same_dtype_device(op, "grad_out", grad_out, "x", x);
-  check_same_dtype_device(op, "out", out, "x", x);
-  const int64_t k = weight.size(1), n = weight.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  TORCH_CHECK(out.sizes() == grad_out.sizes() && out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out ",
-              grad_out.sizes(), " and out ", out.sizes(), " must both have the forward output's shape ", out_shape);
-  const at::Tensor y = out.reshape({-1, n}).contiguous();
-  const at::Tensor g = grad_out.reshape({-1, n}).contiguous();
+  const LinearActBackwardArgs args = check_linear_act_backward_args(
+      "linear_act_backward", check_float_tensor, grad_out, x, weight, out, activation, negative_slope);
   const bool need_input_grads = output_mask[0] || output_mask[1];
   const bool need_bias = output_mask[2];
 
   // g_z = g * f'(y); for the identity, g_z is g itself.
-  at::Tensor gz = act == Activation::Identity ? g : (need_input_grads ? at::empty_like(g) : at::Tensor());
-  at::Tensor grad_bias = need_bias ? at::empty({n}, x.options()) : at::Tensor();
-  linear_act_grad_pre_into(gz, grad_bias, g, y, act, negative_slope);
+  at::Tensor gz =
+      args.act == Activation::Identity ? args.g : (need_input_grads ? at::empty_like(args.g) : at::Tensor());
+  at::Tensor grad_bias = need_bias ? at::empty({args.n}, x.options()) : at::Tensor();
+  linear_act_grad_pre_into(gz, grad_bias, args.g, args.y, args.act, negative_slope);
   if (!need_bias) grad_bias = at::empty({0}, x.options());
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_w = at::empty({0}, x.options());
   if (output_mask[0]) grad_x = at::mm(gz, weight).view(x.sizes());
-  if (output_mask[1]) grad_w = at::mm(gz.t(), x.reshape({-1, k}));
+  if (output_mask[1]) grad_w = at::mm(gz.t(), x.reshape({-1, weight.size(1)}));
   return {grad_x, grad_w, grad_bias};
 }
 

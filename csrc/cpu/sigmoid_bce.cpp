@@ -11,16 +11,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
 #include "cpu/loss_vec.h"
+#include "sigmoid_bce_args.h"
 
 namespace fastmnist {
 namespace {
 
 using cpu::kWidth;
 using cpu::Vec;
-
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 template <typename T>
 struct BCERows {
@@ -80,56 +78,15 @@ struct SigmoidBCERows {
   }
 };
 
-struct BCEArgs {
-  at::Tensor x, y, w, pw;
-  int64_t rows, C;
-};
-
-// weight / pos_weight: (C,) or (rows, C); returns the leading dimension (0 or C).
-int64_t check_broadcast_arg(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_same_dtype_device(op, name, t, "logits", x);
-  if (t.dim() == 1 && t.size(0) == x.size(1)) return 0;
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape (", x.size(1), ",) or ", x.sizes(),
-              ", got ", t.sizes());
-  return x.size(1);
-}
-
-BCEArgs check_bce_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                       int64_t reduction, int64_t* w_ld, int64_t* pw_ld) {
-  check_float_tensor(op, "logits", logits);
-  check_dim(op, "logits", logits, 2);
-  check_same_dtype_device(op, "target", target, "logits", logits);
-  TORCH_CHECK(target.sizes() == logits.sizes(), op, ": target must have the shape of logits ", logits.sizes(),
-              ", got ", target.sizes());
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-  BCEArgs a;
-  a.rows = logits.size(0);
-  a.C = logits.size(1);
-  a.x = logits.contiguous();
-  a.y = target.contiguous();
-  *w_ld = *pw_ld = 0;
-  if (weight.has_value() && weight->defined()) {
-    *w_ld = check_broadcast_arg(op, "weight", *weight, logits);
-    a.w = weight->contiguous();
-  }
-  if (pos_weight.has_value() && pos_weight->defined()) {
-    *pw_ld = check_broadcast_arg(op, "pos_weight", *pos_weight, logits);
-    a.pw = pos_weight->contiguous();
-  }
-  return a;
-}
-
 template <typename T>
-BCERows<T> make_bce_rows(const BCEArgs& a, int64_t w_ld, int64_t pw_ld) {
+BCERows<T> make_bce_rows(const SigmoidBCEArgs& a) {
   BCERows<T> p{};
   p.x = a.x.const_data_ptr<T>();
   p.y = a.y.const_data_ptr<T>();
   p.w = a.w.defined() ? a.w.const_data_ptr<T>() : nullptr;
-  p.w_ld = w_ld;
+  p.w_ld = a.w_full ? a.C : 0;
   p.pw = a.pw.defined() ? a.pw.const_data_ptr<T>() : nullptr;
-  p.pw_ld = pw_ld;
+  p.pw_ld = a.pw_full ? a.C : 0;
   p.C = a.C;
   return p;
 }
@@ -144,12 +101,11 @@ void run_bce(const BCERows<T>& p, int64_t rows) {
 
 at::Tensor sigmoid_bce_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  constexpr const char* op = "sigmoid_bce";
-  int64_t w_ld, pw_ld;
-  const BCEArgs a = check_bce_args(op, logits, target, weight, pos_weight, reduction, &w_ld, &pw_ld);
+  const SigmoidBCEArgs a =
+      check_sigmoid_bce_args("sigmoid_bce", check_float_tensor, logits, target, weight, pos_weight, reduction);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sigmoid_bce_cpu", [&] {
-    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a, w_ld, pw_ld);
+    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a);
     if (reduction == kNone) {
       out = at::empty({a.rows, a.C}, logits.options());
       p.loss = out.mutable_data_ptr<scalar_t>();
@@ -173,18 +129,16 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_backward_cpu(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& pos_weight,
                                                             int64_t reduction, std::array<bool, 2> output_mask) {
   constexpr const char* op = "sigmoid_bce_backward";
-  int64_t w_ld, pw_ld;
-  const BCEArgs a = check_bce_args(op, logits, target, weight, pos_weight, reduction, &w_ld, &pw_ld);
-  check_same_dtype_device(op, "grad_loss", grad_loss, "logits", logits);
-  TORCH_CHECK(reduction == kNone ? grad_loss.sizes() == logits.sizes() : grad_loss.numel() == 1, op,
-              ": grad_loss has shape ", grad_loss.sizes(), ", which does not match the loss");
+  const SigmoidBCEArgs a =
+      check_sigmoid_bce_args(op, check_float_tensor, logits, target, weight, pos_weight, reduction);
+  check_sigmoid_bce_grad_loss(op, grad_loss, logits, reduction);
   const auto opts = logits.options();
   at::Tensor grad_x = output_mask[0] ? at::empty({a.rows, a.C}, opts) : at::empty({0}, opts);
   at::Tensor grad_y = output_mask[1] ? at::empty({a.rows, a.C}, opts) : at::empty({0}, opts);
   if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_y};
   const at::Tensor g = grad_loss.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sigmoid_bce_backward_cpu", [&] {
-    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a, w_ld, pw_ld);
+    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a);
     p.g = g.const_data_ptr<scalar_t>();
     p.g_ld = reduction == kNone ? a.C : 0;
     p.gmul = reduction == kMean ? scalar_t(1.0 / double(a.rows * a.C)) : scalar_t(1);

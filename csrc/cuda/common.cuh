@@ -29,10 +29,13 @@ inline void check_float_tensor(const char* op, const char* name, const at::Tenso
               " must be float32, float64, float16 or bfloat16, got ", s);
 }
 
+// The CUDA ops' own device check; the argument headers (*_args.h) check that the other tensors are on x's device.
+inline void check_cuda_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor here, got one on ", t.device());
+}
+
 template <typename T>
 using acc_t = at::opmath_type<T>;
-
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 constexpr int kWarp = 32;
 

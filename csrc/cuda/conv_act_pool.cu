@@ -1,5 +1,5 @@
 // The LeNet block on CUDA: out = avg_pool2d(act(conv2d(x, W, b, stride 1, padding P)), 2), one op; the same op
-// as csrc/cpu/conv_act_pool.cpp (same checks, same saved tensor).
+// as csrc/cpu/conv_act_pool.cpp (same checks, in conv_act_pool_args.h; same saved tensor).
 //
 // Forward. A block owns one (sample, output channel) and a tile of kTile x kTile pooled outputs, i.e. a
 // 2kTile x 2kTile tile of conv outputs; per input channel it stages the (2kTile + k - 1)^2 input patch (zero
@@ -22,7 +22,7 @@
 #include <torch/library.h>
 
 #include "activation.h"
-#include "checks.h"
+#include "conv_act_pool_args.h"
 #include "cuda/common.cuh"
 
 namespace fastmnist::cuda {
@@ -34,9 +34,7 @@ constexpr int64_t kSamplesPerChunk = 16;   // backward: samples per grad_W / gra
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxSharedBytes = 48 * 1024;
 
-struct Shape {
-  int64_t n, c, h, w, o, k, pad, ho, wo;
-};
+using Shape = ConvActPoolShape;  // the sizes of one call, passed to every kernel
 
 template <typename T, Activation A>
 __global__ void __launch_bounds__(kTile * kTile)
@@ -191,43 +189,11 @@ int64_t shared_bytes(int64_t k, at::ScalarType dtype) {
   return (side * side + k * k) * (at::toOpMathType(dtype) == at::kDouble ? 8 : 4);
 }
 
-Activation check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t padding,
-                      c10::string_view activation) {
-  const Activation act = parse_activation(activation);
-  TORCH_CHECK(act != Activation::LeakyRelu, op,
-              ": activation 'leaky_relu' is not supported; expected one of identity, relu, sigmoid, tanh");
-  check_float_tensor(op, "x", x);
-  check_float_tensor(op, "weight", weight);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor here, got one on ", x.device());
-  check_same_dtype_device(op, "weight", weight, "x", x);
-  TORCH_CHECK(x.dim() == 4 || x.dim() == 3, op, ": x must have shape (N, C_in, H, W) or (C_in, H, W), got shape ",
-              x.sizes());
-  check_dim(op, "weight", weight, 4);
-  TORCH_CHECK(weight.size(2) == weight.size(3), op, ": the kernel must be square, got weight of shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(2) >= 1, op, ": the kernel size must be at least 1, got weight of shape ",
-              weight.sizes());
-  const int64_t c_in = x.size(x.dim() - 3), h = x.size(x.dim() - 2), w = x.size(x.dim() - 1);
-  TORCH_CHECK(weight.size(1) == c_in, op, ": x has ", c_in, " input channels (shape ", x.sizes(),
-              ") but weight has shape ", weight.sizes(), " (C_out, C_in = ", weight.size(1), ", k, k)");
-  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
-  const int64_t k = weight.size(2);
-  TORCH_CHECK(k <= h + 2 * padding && k <= w + 2 * padding, op, ": kernel size ", k,
-              " is larger than the padded input (", h + 2 * padding, " x ", w + 2 * padding, ")");
-  TORCH_CHECK(h + 2 * padding - k + 1 >= 2 && w + 2 * padding - k + 1 >= 2, op, ": the convolution output (",
-              h + 2 * padding - k + 1, " x ", w + 2 * padding - k + 1,
-              ") is smaller than one 2x2 pooling window");
+// What only the CUDA kernels need: x on CUDA, and a kernel size whose forward tile fits in shared memory.
+void check_cuda_limits(const char* op, const at::Tensor& x, int64_t k) {
+  check_cuda_tensor(op, "x", x);
   TORCH_CHECK(shared_bytes(k, x.scalar_type()) <= kMaxSharedBytes, op, ": kernel size ", k,
               " is too large for the CUDA kernel's shared-memory tile (at most ", kMaxSharedBytes, " bytes)");
-  return act;
-}
-
-Shape make_shape(const at::Tensor& x4, const at::Tensor& w, int64_t pad) {
-  Shape s;
-  s.n = x4.size(0), s.c = x4.size(1), s.h = x4.size(2), s.w = x4.size(3);
-  s.o = w.size(0), s.k = w.size(2), s.pad = pad;
-  s.ho = (s.h + 2 * pad - s.k + 1) / 2, s.wo = (s.w + 2 * pad - s.k + 1) / 2;
-  return s;
 }
 
 unsigned flat_grid(int64_t total) {
@@ -238,19 +204,13 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cuda(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& bias, int64_t padding,
                                                       c10::string_view activation, bool save_act) {
   constexpr const char* op = "conv_act_pool";
-  const Activation act = check_args(op, x, weight, padding, activation);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_same_dtype_device(op, "bias", *bias, "x", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
-                weight.size(0), ",) to match weight, got ", bias->sizes());
-  }
+  const ConvActPoolArgs args = check_conv_act_pool_args(op, check_float_tensor, x, weight, padding, activation);
+  const Shape& s = args.shape;
+  check_cuda_limits(op, x, s.k);
+  const at::Tensor b = checked_bias(op, bias, x, weight);
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
-  const bool batched = x.dim() == 4;
-  const at::Tensor x4 = (batched ? x : x.unsqueeze(0)).contiguous();
+  const at::Tensor x4 = args.x4.contiguous();
   const at::Tensor w = weight.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const Shape s = make_shape(x4, w, padding);
   at::Tensor out = at::empty({s.n, s.o, s.ho, s.wo}, x.options());
   at::Tensor saved = save_act ? at::empty({s.n, s.o, 2 * s.ho, 2 * s.wo}, x.options()) : at::empty({0}, x.options());
   if (out.numel() > 0) {
@@ -260,17 +220,17 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cuda(const at::Tensor& x, const
     const dim3 block(kTile, kTile);
     const size_t smem = size_t(shared_bytes(s.k, x.scalar_type()));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_act_pool_cuda", [&] {
-      with_activation(act, [&](auto a) {
+      with_activation(args.act, [&](auto a) {
         constexpr Activation A = decltype(a)::value;
         conv_act_pool_kernel<scalar_t, A><<<grid, block, smem, current_stream()>>>(
             x4.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-            has_bias ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
             save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr, s, tiles_x);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  if (!batched) {
+  if (!args.batched) {
     out = out.squeeze(0);
     if (save_act) saved = saved.squeeze(0);
   }
@@ -281,26 +241,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act_out,
     int64_t padding, c10::string_view activation, std::array<bool, 3> output_mask) {
   constexpr const char* op = "conv_act_pool_backward";
-  const Activation act = check_args(op, x, weight, padding, activation);
-  check_same_dtype_device(op, "grad_out", grad_out, "x", x);
-  const bool batched = x.dim() == 4;
-  const at::Tensor x4 = (batched ? x : x.unsqueeze(0)).contiguous();
-  const Shape s = make_shape(x4, weight, padding);
-  const std::vector<int64_t> out_shape{s.n, s.o, s.ho, s.wo};
-  const at::Tensor g4 = batched ? grad_out : grad_out.unsqueeze(0);
-  TORCH_CHECK(g4.sizes() == at::IntArrayRef(out_shape), op, ": grad_out must have the shape of the forward output ",
-              at::IntArrayRef(out_shape).slice(batched ? 0 : 1), ", got ", grad_out.sizes());
-  at::Tensor a4;
-  if (act != Activation::Identity) {
-    check_same_dtype_device(op, "act", act_out, "x", x);
-    a4 = batched ? act_out : act_out.unsqueeze(0);
-    TORCH_CHECK(a4.sizes() == at::IntArrayRef({s.n, s.o, 2 * s.ho, 2 * s.wo}), op,
-                ": act must be the activation saved by conv_act_pool (save_act=True), of shape ",
-                at::IntArrayRef({s.n, s.o, 2 * s.ho, 2 * s.wo}).slice(batched ? 0 : 1), ", got ", act_out.sizes());
-    a4 = a4.contiguous();
-  }
+  const ConvActPoolArgs args = check_conv_act_pool_args(op, check_float_tensor, x, weight, padding, activation);
+  const Shape& s = args.shape;
+  check_cuda_limits(op, x, s.k);
+  const ConvActPoolBackwardInputs in = check_conv_act_pool_backward_inputs(op, grad_out, act_out, x, args);
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
-  const at::Tensor g = g4.contiguous();
+  const at::Tensor x4 = args.x4.contiguous();
   const at::Tensor w = weight.contiguous();
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   at::Tensor grad_x = need_x ? at::empty(x4.sizes(), x.options()) : at::empty({0}, x.options());
@@ -321,10 +267,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cuda(
       const auto stream = current_stream();
       Acc* dz_ptr = dz.mutable_data_ptr<Acc>();
       if (dz_total > 0) {
-        with_activation(act, [&](auto a) {
+        with_activation(args.act, [&](auto a) {
           constexpr Activation A = decltype(a)::value;
           dz_kernel<scalar_t, A><<<flat_grid(dz_total), kThreads, 0, stream>>>(
-              g.const_data_ptr<scalar_t>(), a4.defined() ? a4.const_data_ptr<scalar_t>() : nullptr, dz_ptr, s);
+              in.grad_out.const_data_ptr<scalar_t>(), in.act.defined() ? in.act.const_data_ptr<scalar_t>() : nullptr,
+              dz_ptr, s);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
@@ -357,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cuda(
       }
     });
   }
-  if (need_x && !batched) grad_x = grad_x.squeeze(0);
+  if (need_x && !args.batched) grad_x = grad_x.squeeze(0);
   return {grad_x, grad_w, grad_b};
 }
 

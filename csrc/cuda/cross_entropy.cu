@@ -28,7 +28,7 @@
 
 #include <torch/library.h>
 
-#include "checks.h"
+#include "cross_entropy_args.h"
 #include "cuda/common.cuh"
 
 #include <cmath>
@@ -217,55 +217,6 @@ at::Tensor index_divisor(const at::Tensor& target, const at::Tensor& weight, int
   return kept.sum();
 }
 
-struct Normalised {
-  at::Tensor x, target, weight;
-  bool prob;
-  int64_t rows, C;
-};
-
-void check_common(const char* op, int64_t reduction, double label_smoothing) {
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
-              label_smoothing);
-}
-
-void check_index_target(const char* op, const at::Tensor& target, const at::Tensor& ref, int64_t rows) {
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ", target.scalar_type());
-  TORCH_CHECK(target.device() == ref.device(), op, ": target is on ", target.device(), " but the logits are on ",
-              ref.device(), "; they must be on the same device");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, op, ": class-index targets must have shape (", rows,
-              ",), got ", target.sizes());
-}
-
-Normalised check_ce_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                         const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing) {
-  check_float_tensor(op, "logits", logits);
-  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor here, got one on ", logits.device());
-  check_dim(op, "logits", logits, 2);
-  check_common(op, reduction, label_smoothing);
-  Normalised n;
-  n.rows = logits.size(0);
-  n.C = logits.size(1);
-  n.prob = target.is_floating_point();
-  if (n.prob) {
-    check_same_dtype_device(op, "target", target, "logits", logits);
-    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": probability targets must have the shape of logits ",
-                logits.sizes(), ", got ", target.sizes());
-  } else {
-    check_index_target(op, target, logits, n.rows);
-  }
-  if (weight.has_value() && weight->defined()) {
-    check_same_dtype_device(op, "weight", *weight, "logits", logits);
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n.C, op, ": weight must have one entry per class (", n.C,
-                ",), got shape ", weight->sizes());
-    n.weight = weight->contiguous();
-  }
-  n.x = logits.contiguous();
-  n.target = target.contiguous();
-  return n;
-}
-
 // Device scalars the kernels read: summed class weights (only needed with label smoothing) and the mean's
 // divisor for index targets. Kept alive by the caller while the kernels run (stream-ordered allocator).
 struct Scalars {
@@ -313,7 +264,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& 
                                                               int64_t ignore_index, int64_t reduction,
                                                               double label_smoothing) {
   constexpr const char* op = "softmax_cross_entropy";
-  const Normalised n = check_ce_args(op, logits, target, weight, reduction, label_smoothing);
+  const SoftmaxCEArgs n =
+      check_softmax_ce_args(op, check_float_tensor, logits, target, weight, reduction, label_smoothing);
+  check_cuda_tensor(op, "logits", logits);
   const c10::cuda::OptionalCUDAGuard guard(device_of(logits));
   at::Tensor loss_rows = at::empty({n.rows}, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
   at::Tensor lse = at::empty({n.rows}, logits.options().dtype(at::kDouble));
@@ -334,19 +287,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cuda(
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index, int64_t reduction,
     double label_smoothing, std::array<bool, 2> output_mask) {
   constexpr const char* op = "softmax_cross_entropy_backward";
-  const Normalised n = check_ce_args(op, logits, target, weight, reduction, label_smoothing);
-  check_same_dtype_device(op, "grad_loss", grad_loss, "logits", logits);
-  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.dim() == 1 && lse.size(0) == n.rows, op,
-              ": lse must be float64 of shape (", n.rows, ",), got ", lse.scalar_type(), " ", lse.sizes());
+  const SoftmaxCEArgs n =
+      check_softmax_ce_args(op, check_float_tensor, logits, target, weight, reduction, label_smoothing);
+  check_cuda_tensor(op, "logits", logits);
+  check_softmax_ce_backward_args(op, grad_loss, lse, logits, reduction, n.rows);
   TORCH_CHECK(lse.device() == logits.device(), op, ": lse is on ", lse.device(), " but logits are on ",
               logits.device());
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n.rows, op, ": grad_loss must have shape (", n.rows,
-                ",) for reduction none, got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar for a reduced loss, got shape ",
-                grad_loss.sizes());
-  }
   const c10::cuda::OptionalCUDAGuard guard(device_of(logits));
   const bool want_q = output_mask[1] && n.prob;
   at::Tensor grad = output_mask[0] ? at::empty_like(n.x) : at::empty({0}, logits.options());
@@ -371,61 +317,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cuda(
   return {grad, grad_q};
 }
 
-struct LinearArgs {
-  at::Tensor x, w, b, target, class_weight;
-  bool prob;
-  int64_t N, C, D;
-};
-
-LinearArgs check_linear_ce_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                                const std::optional<at::Tensor>& class_weight, int64_t num_classes,
-                                int64_t reduction, double label_smoothing) {
-  check_float_tensor(op, "x", x);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor here, got one on ", x.device());
-  check_dim(op, "x", x, 2);
-  check_dim(op, "weight", weight, 2);
-  check_same_dtype_device(op, "weight", weight, "x", x);
-  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x has ", x.size(1), " features but weight has shape ",
-              weight.sizes());
-  TORCH_CHECK(num_classes >= 1 && weight.size(0) % num_classes == 0, op, ": weight has ", weight.size(0),
-              " rows, not a multiple of num_classes = ", num_classes);
-  check_common(op, reduction, label_smoothing);
-  LinearArgs a;
-  a.N = x.size(0);
-  a.C = num_classes;
-  a.D = weight.size(0) / num_classes;
-  const int64_t rows = a.N * a.D;
-  if (bias.has_value() && bias->defined()) {
-    check_same_dtype_device(op, "bias", *bias, "x", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (", weight.size(0),
-                ",), got ", bias->sizes());
-    a.b = bias->contiguous();
-  }
-  a.prob = target.is_floating_point();
-  if (a.prob) {
-    check_same_dtype_device(op, "target", target, "x", x);
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == rows && target.size(1) == a.C, op,
-                ": probability targets must have shape (", rows, ", ", a.C, "), got ", target.sizes());
-  } else {
-    check_index_target(op, target, x, rows);
-  }
-  if (class_weight.has_value() && class_weight->defined()) {
-    check_same_dtype_device(op, "class_weight", *class_weight, "x", x);
-    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == a.C, op,
-                ": class_weight must have one entry per class (", a.C, ",), got shape ", class_weight->sizes());
-    a.class_weight = class_weight->contiguous();
-  }
-  a.x = x.contiguous();
-  a.w = weight.contiguous();
-  a.target = target.contiguous();
-  return a;
-}
-
 // The chunked classifier head, shared by forward and backward. Per chunk of x rows: logits = x W^T + b into
 // `buf`, the row kernel (loss and/or gradient in place), then the chunk's gradient GEMMs.
 template <typename T>
-void linear_ce_chunks(const LinearArgs& a, CEParams<T> p, bool grads, at::Tensor& grad_x, at::Tensor& grad_w,
+void linear_ce_chunks(const LinearCEArgs& a, CEParams<T> p, bool grads, at::Tensor& grad_x, at::Tensor& grad_w,
                       at::Tensor& grad_b, std::array<bool, 3> mask) {
   const int64_t width = a.D * a.C;
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(1, width * int64_t(sizeof(T))), 16,
@@ -467,8 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const std::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t ignore_index, int64_t reduction,
     double label_smoothing, std::array<bool, 3> grad_mask) {
   constexpr const char* op = "linear_cross_entropy";
-  const LinearArgs a =
-      check_linear_ce_args(op, x, weight, bias, target, class_weight, num_classes, reduction, label_smoothing);
+  const LinearCEArgs a = check_linear_ce_args(op, check_float_tensor, x, weight, bias, target, class_weight,
+                                              num_classes, reduction, label_smoothing);
+  check_cuda_tensor(op, "x", x);
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
   const int64_t rows = a.N * a.D;
   const bool precompute = reduction != kNone && (grad_mask[0] || grad_mask[1] || (grad_mask[2] && a.b.defined()));
@@ -497,15 +393,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
     int64_t num_classes, int64_t ignore_index, int64_t reduction, double label_smoothing,
     std::array<bool, 3> output_mask) {
   constexpr const char* op = "linear_cross_entropy_backward";
-  const LinearArgs a =
-      check_linear_ce_args(op, x, weight, bias, target, class_weight, num_classes, reduction, label_smoothing);
+  const LinearCEArgs a = check_linear_ce_args(op, check_float_tensor, x, weight, bias, target, class_weight,
+                                              num_classes, reduction, label_smoothing);
+  check_cuda_tensor(op, "x", x);
   const int64_t rows = a.N * a.D;
-  check_same_dtype_device(op, "grad_loss", grad_loss, "x", x);
-  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.dim() == 1 && lse.size(0) == rows, op,
-              ": lse must be float64 of shape (", rows, ",), got ", lse.scalar_type(), " ", lse.sizes());
+  check_linear_ce_backward_args(op, grad_loss, lse, x, reduction, rows);
   TORCH_CHECK(lse.device() == x.device(), op, ": lse is on ", lse.device(), " but x is on ", x.device());
-  TORCH_CHECK(reduction == kNone ? (grad_loss.dim() == 1 && grad_loss.size(0) == rows) : grad_loss.numel() == 1, op,
-              ": grad_loss has shape ", grad_loss.sizes(), ", which does not match the loss");
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
   std::array<bool, 3> mask = {output_mask[0], output_mask[1], output_mask[2] && a.b.defined()};
   const auto opts = x.options();

@@ -16,8 +16,8 @@
 #include <torch/library.h>
 
 #include "activation.h"
-#include "checks.h"
 #include "cuda/common.cuh"
+#include "linear_act_args.h"
 
 namespace fastmnist::cuda {
 namespace {
@@ -88,42 +88,23 @@ void launch_bias_act(T* y, const T* bias, int64_t total, int64_t n, double negat
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
-  check_float_tensor(op, "x", x);
-  check_float_tensor(op, "weight", weight);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor here, got one on ", x.device());
-  check_same_dtype_device(op, "weight", weight, "x", x);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (*, in_features), got a 0-dimensional tensor");
-  check_dim(op, "weight", weight, 2);
-  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has in_features = ", x.size(-1),
-              " but weight has shape ", weight.sizes(), " (out_features, in_features = ", weight.size(1), ")");
-}
-
-constexpr const char* kOp = "linear_act";
-
 at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            c10::string_view activation, double negative_slope) {
-  const Activation act = parse_activation(activation);
-  check_negative_slope(negative_slope);
-  check_linear_args(kOp, x, weight);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_same_dtype_device(kOp, "bias", *bias, "x", x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": bias must have shape (",
-                weight.size(0), ",) to match weight, got ", bias->sizes());
-  }
+  constexpr const char* op = "linear_act";
+  const LinearActForwardArgs args =
+      check_linear_act_args(op, check_float_tensor, x, weight, bias, activation, negative_slope);
+  check_cuda_tensor(op, "x", x);
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
-  const int64_t k = weight.size(1), n = weight.size(0);
-  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({x2d.size(0), n}, x.options());
-  at::mm_out(y, x2d, weight.t());
+  const int64_t n = args.n;
+  const bool has_bias = args.bias.defined();
+  at::Tensor y = at::empty({args.x2d.size(0), n}, x.options());
+  at::mm_out(y, args.x2d, weight.t());
   const int64_t total = y.numel();
-  if (total > 0 && (has_bias || act != Activation::Identity)) {
+  if (total > 0 && (has_bias || args.act != Activation::Identity)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "linear_act_cuda", [&] {
       scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-      const scalar_t* b_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
-      with_activation(act, [&](auto a) {
+      const scalar_t* b_ptr = has_bias ? args.bias.const_data_ptr<scalar_t>() : nullptr;
+      with_activation(args.act, [&](auto a) {
         constexpr Activation A = decltype(a)::value;
         if (total <= std::numeric_limits<int32_t>::max() / 2) {
           launch_bias_act<scalar_t, A, uint32_t>(y_ptr, b_ptr, total, n, negative_slope);
@@ -133,35 +114,25 @@ at::Tensor linear_act_cuda(const at::Tensor& x, const at::Tensor& weight, const 
       });
     });
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  return y.view(out_shape);
+  return y.view(args.out_shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     c10::string_view activation, double negative_slope, std::array<bool, 3> output_mask) {
   constexpr const char* op = "linear_act_backward";
-  const Activation act = parse_activation(activation);
-  check_negative_slope(negative_slope);
-  check_linear_args(op, x, weight);
-  check_same_dtype_device(op, "grad_out", grad_out, "x", x);
-  check_same_dtype_device(op, "out", out, "x", x);
-  const int64_t k = weight.size(1), n = weight.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  TORCH_CHECK(out.sizes() == grad_out.sizes() && out.sizes() == at::IntArrayRef(out_shape), op, ": grad_out ",
-              grad_out.sizes(), " and out ", out.sizes(), " must both have the forward output's shape ", out_shape);
+  const LinearActBackwardArgs args =
+      check_linear_act_backward_args(op, check_float_tensor, grad_out, x, weight, out, activation, negative_slope);
+  check_cuda_tensor(op, "x", x);
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
-  const at::Tensor y = out.reshape({-1, n}).contiguous();
-  const at::Tensor g = grad_out.reshape({-1, n}).contiguous();
-  const int64_t m = y.size(0);
+  const int64_t n = args.n;
+  const int64_t m = args.y.size(0);
   const bool need_input_grads = output_mask[0] || output_mask[1];
   const bool need_bias = output_mask[2];
-  const bool write_gz = need_input_grads && act != Activation::Identity;
+  const bool write_gz = need_input_grads && args.act != Activation::Identity;
 
   // g_z = g * f'(y); for the identity, g_z is g itself.
-  at::Tensor gz = act == Activation::Identity ? g : (write_gz ? at::empty_like(g) : at::Tensor());
+  at::Tensor gz = args.act == Activation::Identity ? args.g : (write_gz ? at::empty_like(args.g) : at::Tensor());
   at::Tensor grad_bias = need_bias ? at::empty({n}, x.options()) : at::empty({0}, x.options());
   if (need_bias && m == 0) grad_bias.zero_();
   if ((write_gz || need_bias) && m > 0 && n > 0) {
@@ -170,17 +141,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
                 kMaxBlocks * kRowsPerChunk, ")");
     const auto acc_dtype = at::toOpMathType(x.scalar_type());
     at::Tensor partials = need_bias ? at::empty({chunks, n}, x.options().dtype(acc_dtype)) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "linear_act_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_act_backward_cuda", [&] {
       using Acc = acc_t<scalar_t>;
       const auto stream = current_stream();
       Acc* partial_ptr = need_bias ? partials.mutable_data_ptr<Acc>() : nullptr;
       scalar_t* gz_ptr = write_gz ? gz.mutable_data_ptr<scalar_t>() : nullptr;
-      with_activation(act, [&](auto a) {
+      with_activation(args.act, [&](auto a) {
         constexpr Activation A = decltype(a)::value;
         const dim3 grid(unsigned(ceil_div(n, kColsPerBlock)), unsigned(chunks));
         const dim3 block(kColsPerBlock, kRowThreads);
         act_grad_bias_kernel<scalar_t, A><<<grid, block, 0, stream>>>(
-            g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), gz_ptr, partial_ptr, m, n,
+            args.g.const_data_ptr<scalar_t>(), args.y.const_data_ptr<scalar_t>(), gz_ptr, partial_ptr, m, n,
             Acc(negative_slope));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -194,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_w = at::empty({0}, x.options());
   if (output_mask[0]) grad_x = at::mm(gz, weight).view(x.sizes());
-  if (output_mask[1]) grad_w = at::mm(gz.t(), x.reshape({-1, k}));
+  if (output_mask[1]) grad_w = at::mm(gz.t(), x.reshape({-1, weight.size(1)}));
   return {grad_x, grad_w, grad_bias};
 }
 

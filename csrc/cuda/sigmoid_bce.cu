@@ -14,8 +14,8 @@
 
 #include <torch/library.h>
 
-#include "checks.h"
 #include "cuda/common.cuh"
+#include "sigmoid_bce_args.h"
 
 namespace fastmnist::cuda {
 namespace {
@@ -86,50 +86,8 @@ void launch(const BCEParams<T>& p, int64_t blocks) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-struct BCEArgs {
-  at::Tensor x, y, w, pw;
-  bool w_full = false, pw_full = false;
-  int64_t rows, C;
-};
-
-// weight / pos_weight: (C,) or (rows, C); returns whether it is the full (rows, C).
-bool check_broadcast_arg(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_same_dtype_device(op, name, t, "logits", x);
-  if (t.dim() == 1 && t.size(0) == x.size(1)) return false;
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have shape (", x.size(1), ",) or ", x.sizes(),
-              ", got ", t.sizes());
-  return true;
-}
-
-BCEArgs check_bce_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                       int64_t reduction) {
-  check_float_tensor(op, "logits", logits);
-  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor here, got one on ", logits.device());
-  check_dim(op, "logits", logits, 2);
-  check_same_dtype_device(op, "target", target, "logits", logits);
-  TORCH_CHECK(target.sizes() == logits.sizes(), op, ": target must have the shape of logits ", logits.sizes(),
-              ", got ", target.sizes());
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-  BCEArgs a;
-  a.rows = logits.size(0);
-  a.C = logits.size(1);
-  a.x = logits.contiguous();
-  a.y = target.contiguous();
-  if (weight.has_value() && weight->defined()) {
-    a.w_full = check_broadcast_arg(op, "weight", *weight, logits);
-    a.w = weight->contiguous();
-  }
-  if (pos_weight.has_value() && pos_weight->defined()) {
-    a.pw_full = check_broadcast_arg(op, "pos_weight", *pos_weight, logits);
-    a.pw = pos_weight->contiguous();
-  }
-  return a;
-}
-
 template <typename T>
-BCEParams<T> make_params(const BCEArgs& a) {
+BCEParams<T> make_params(const SigmoidBCEArgs& a) {
   BCEParams<T> p{};
   p.x = a.x.const_data_ptr<T>();
   p.y = a.y.const_data_ptr<T>();
@@ -145,7 +103,9 @@ BCEParams<T> make_params(const BCEArgs& a) {
 at::Tensor sigmoid_bce_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
   constexpr const char* op = "sigmoid_bce";
-  const BCEArgs a = check_bce_args(op, logits, target, weight, pos_weight, reduction);
+  const SigmoidBCEArgs a =
+      check_sigmoid_bce_args(op, check_float_tensor, logits, target, weight, pos_weight, reduction);
+  check_cuda_tensor(op, "logits", logits);
   const c10::cuda::OptionalCUDAGuard guard(device_of(logits));
   const int64_t total = a.rows * a.C;
   const int64_t blocks = grid_for(total);
@@ -174,10 +134,10 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_backward_cuda(const at::Tensor& g
                                                              const std::optional<at::Tensor>& pos_weight,
                                                              int64_t reduction, std::array<bool, 2> output_mask) {
   constexpr const char* op = "sigmoid_bce_backward";
-  const BCEArgs a = check_bce_args(op, logits, target, weight, pos_weight, reduction);
-  check_same_dtype_device(op, "grad_loss", grad_loss, "logits", logits);
-  TORCH_CHECK(reduction == kNone ? grad_loss.sizes() == logits.sizes() : grad_loss.numel() == 1, op,
-              ": grad_loss has shape ", grad_loss.sizes(), ", which does not match the loss");
+  const SigmoidBCEArgs a =
+      check_sigmoid_bce_args(op, check_float_tensor, logits, target, weight, pos_weight, reduction);
+  check_cuda_tensor(op, "logits", logits);
+  check_sigmoid_bce_grad_loss(op, grad_loss, logits, reduction);
   const c10::cuda::OptionalCUDAGuard guard(device_of(logits));
   const auto opts = logits.options();
   at::Tensor grad_x = output_mask[0] ? at::empty({a.rows, a.C}, opts) : at::empty({0}, opts);

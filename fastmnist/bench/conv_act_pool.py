@@ -4,18 +4,15 @@ avg_pool2d) and torch.compile of it, for both LeNet blocks, forward and forward+
     python -m fastmnist.bench.conv_act_pool [--quick] [--no-compile] [--out DIR]
 """
 
-import argparse
-
 import torch
 
 import fastmnist
 from fastmnist.reference import conv_act_pool_reference
 
-from .harness import RESULTS_DIR, Case, run_cases, time_compile, write_results
+from .harness import Case, op_benchmark_main, time_compile
 
 # (name, in channels, out channels, input size, padding) of LeNet-5's two blocks, 5x5 kernels
 BLOCKS = [("conv1 1->6 28x28", 1, 6, 28, 2), ("conv2 6->16 14x14", 6, 16, 14, 0)]
-BATCHES = [1, 64, 256]
 
 
 def make_case(batch, name, c_in, c_out, size, padding, backward, with_compile):
@@ -48,22 +45,7 @@ def make_case(batch, name, c_in, c_out, size, padding, backward, with_compile):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 64 only, fewer rounds, no torch.compile")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and Markdown results")
-    args = parser.parse_args(argv)
-    batches = [64] if args.quick else BATCHES
-    with_compile = not (args.quick or args.no_compile)
-    rows = []
-    for batch in batches:
-        for block in BLOCKS:
-            for backward in (False, True):
-                case = make_case(batch, *block, backward, with_compile)
-                rows += run_cases([case], rounds=3 if args.quick else 5, min_run_time=0.05 if args.quick else 0.2)
-    name = "conv_act_pool_quick" if args.quick else "conv_act_pool"
-    path = write_results(name, rows, args.out)
-    print(f"results written to {path} and {path.with_suffix('.md')}")
+    op_benchmark_main(argv, "conv_act_pool", __doc__, BLOCKS, make_case, rounds=5)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ machine, torch version and git commit.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -167,3 +168,24 @@ def write_results(name: str, rows: list[dict], out_dir: Path | str = RESULTS_DIR
               f"{s['date']}. Median of interleaved rounds; ratio = baseline time / candidate time.\n\n")
     (out_dir / f"{name}.md").write_text(header + markdown_table(rows) + "\n")
     return path
+
+
+def op_benchmark_main(argv: list[str] | None, name: str, description: str, shapes: list[tuple],
+                      make_case: Callable[..., Case], rounds: int) -> None:
+    """The command line of a one-op benchmark: times make_case(batch, *shape, backward, with_compile) for batches
+    1, 64 and 256, every shape, forward and forward+backward, and writes `<name>.json` and `.md`. --quick: batch
+    64 only, 3 rounds, no torch.compile (results `<name>_quick`); --no-compile; --out DIR."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="batch 64 only, fewer rounds, no torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and Markdown results")
+    args = parser.parse_args(argv)
+    with_compile = not (args.quick or args.no_compile)
+    rows = []
+    for batch in [64] if args.quick else [1, 64, 256]:
+        for shape in shapes:
+            for backward in (False, True):
+                case = make_case(batch, *shape, backward, with_compile)
+                rows += run_cases([case], rounds=3 if args.quick else rounds, min_run_time=0.05 if args.quick else 0.2)
+    path = write_results(f"{name}_quick" if args.quick else name, rows, args.out)
+    print(f"results written to {path} and {path.with_suffix('.md')}")

@@ -4,14 +4,12 @@ tutorial models' layer shapes, forward and forward+backward.
     python -m fastmnist.bench.linear_act [--quick] [--no-compile] [--out DIR]
 """
 
-import argparse
-
 import torch
 
 import fastmnist
 from fastmnist.reference import linear_act_reference
 
-from .harness import RESULTS_DIR, Case, run_cases, time_compile, write_results
+from .harness import Case, op_benchmark_main, time_compile
 
 # (in, out, activation) of the tutorial models' layers
 SHAPES = [
@@ -20,7 +18,6 @@ SHAPES = [
     (784, 50, "sigmoid"),  # twolayer hidden layer
     (784, 10, "identity"),  # softmax regression
 ]
-BATCHES = [1, 64, 256]
 
 
 def make_case(batch, n_in, n_out, activation, backward, with_compile):
@@ -53,22 +50,7 @@ def make_case(batch, n_in, n_out, activation, backward, with_compile):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 64 only, fewer rounds, no torch.compile")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidate")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and Markdown results")
-    args = parser.parse_args(argv)
-    batches = [64] if args.quick else BATCHES
-    with_compile = not (args.quick or args.no_compile)
-    rows = []
-    for batch in batches:
-        for n_in, n_out, activation in SHAPES:
-            for backward in (False, True):
-                case = make_case(batch, n_in, n_out, activation, backward, with_compile)
-                rows += run_cases([case], rounds=3 if args.quick else 7, min_run_time=0.05 if args.quick else 0.2)
-    name = "linear_act_quick" if args.quick else "linear_act"
-    path = write_results(name, rows, args.out)
-    print(f"results written to {path} and {path.with_suffix('.md')}")
+    op_benchmark_main(argv, "linear_act", __doc__, SHAPES, make_case, rounds=7)
 
 
 if __name__ == "__main__":
