@@ -16,6 +16,6 @@ def test_bench_quick_writes_json_table_and_chart(tmp_path):
     assert set(row["timings"]) == {"eager", "fused modules", "fused step"}
     for timing in row["timings"].values():
         assert timing["min_us"] <= timing["median_us"] <= timing["max_us"] and timing["median_us"] > 0
-    assert "| softmax b=256 |" in (tmp_path / "epochs_quick.md").read_text()
+    assert "| softmax b=256, 1000 images |" in (tmp_path / "epochs_quick.md").read_text()
     with Image.open(tmp_path / "epochs_quick.png") as image:
         assert image.format == "PNG" and image.width > 100

@@ -24,14 +24,16 @@ from ..fused_step import fused_step
 from ..train import make_targets
 from .harness import RESULTS_DIR, Case, markdown_table, run_cases, time_compile, write_results
 
-# (model, batch size, options): the tutorials' batch sizes, plus the mlp at 256
+# (model, batch size, options, images): the tutorials' batch sizes, plus the mlp at 256. images: at most this
+# many training images per epoch (None: all). The batch-1 epoch is capped: 60,000 eager steps take ~2 minutes,
+# and the harness runs each candidate at least six times.
 CONFIGS = [
-    ("mlp", 64, {}),
-    ("mlp", 256, {}),
-    ("lenet", 256, {}),
-    ("softmax", 256, {}),
-    ("twolayer", 100, {}),
-    ("classifier", 1, {"hidden": "leaky_relu_layernorm", "loss": "bce"}),
+    ("mlp", 64, {}, None),
+    ("mlp", 256, {}, None),
+    ("lenet", 256, {}, None),
+    ("softmax", 256, {}, None),
+    ("twolayer", 100, {}, None),
+    ("classifier", 1, {"hidden": "leaky_relu_layernorm", "loss": "bce"}, 10000),
 ]
 
 
@@ -73,7 +75,8 @@ def make_case(name, batch_size, options, x, y, with_compile, seed=0):
         ("fused modules", epoch_of(_eager_step(*build("fused")))),
         ("fused step", epoch_of(fused_step(*build("fused")))),
     ]
-    label = f"{name} b={batch_size}" + (f" ({options['hidden']}, {options['loss']})" if options else "")
+    label = (f"{name} b={batch_size}" + (f" ({options['hidden']}, {options['loss']})" if options else "")
+             + f", {x.shape[0]} images")
     info = {"model": name, "batch_size": batch_size, "options": options, "images": int(x.shape[0]),
             "steps": -(-x.shape[0] // batch_size)}
     if with_compile:
@@ -116,11 +119,13 @@ def run(model_names=None, quick=False, data_root=None, out=RESULTS_DIR, with_com
         x, y = x[:1000], y[:1000]
     with_compile = (not quick) if with_compile is None else with_compile
     configs = [c for c in CONFIGS if model_names is None or c[0] in model_names]
-    cases = [make_case(name, batch, options, x, y, with_compile) for name, batch, options in configs]
+    cases = [make_case(name, batch, options, x[:images], y[:images], with_compile)
+             for name, batch, options, images in configs]
     rows = run_cases(cases, rounds=rounds or 5, min_run_time=0.0)
     name = "epochs_quick" if quick else "epochs"
     source = "bundled sample" if data_root is None else str(data_root)
-    path = write_results(name, rows, out, extra={"data": f"{source}, {x.shape[0]} training images"})
+    path = write_results(name, rows, out, extra={"data": f"{source}, up to {x.shape[0]} training images per epoch "
+                                                         "(column `images`)"})
     stamp = json.loads(path.read_text())["stamp"]
     plot(rows, Path(out) / f"{name}.png",
          f"one epoch ({x.shape[0]} images), {stamp['machine']}, torch {stamp['torch']}, {stamp['commit']}")
