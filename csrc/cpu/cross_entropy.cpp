@@ -17,7 +17,8 @@
 // linear_cross_entropy: the rows are processed in chunks; each chunk's logits come from one GEMM (ATen) into a
 // chunk-sized buffer, the loss and the logit gradient are computed in place, and the chunk's contributions to
 // grad_x (rows of G @ W) and grad_W (+= G^T x), grad_b are made at once. The (N, C) logits never exist: the
-// buffer is chunk x C (about kChunkBytes) where eager keeps N x C logits and their log-softmax for backward.
+// buffer is chunk x C (about kChunkBytes, at least kMinChunkRows rows) where eager keeps N x C logits and their
+// log-softmax for backward.
 // With a reduced loss and gradients requested, the gradients for grad_output = 1 are computed during forward
 // (three GEMMs in all, as eager) and backward only scales them; with reduction "none" the per-row
 // grad_output is not known in forward, so backward recomputes each chunk's logits from x, W and the saved lse.
@@ -39,7 +40,8 @@ using cpu::IntVec;
 using cpu::kWidth;
 using cpu::Vec;
 
-constexpr int64_t kChunkBytes = int64_t(4) << 20;  // linear_cross_entropy: logits buffer per chunk
+constexpr int64_t kChunkBytes = int64_t(4) << 20;  // linear_cross_entropy: logits buffer per chunk, unless
+constexpr int64_t kMinChunkRows = 256;             // fewer rows: a GEMM of fewer rows runs far below peak
 
 // What one call of the row kernel reads and writes. Pointers that are not needed are null.
 template <typename T>
@@ -337,8 +339,9 @@ template <typename T>
 void linear_ce_chunks(const LinearCEArgs& a, CERows<T> p, bool grads, at::Tensor& grad_x, at::Tensor& grad_w,
                       at::Tensor& grad_b, std::array<bool, 3> mask) {
   const int64_t width = a.D * a.C;
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(1, width * int64_t(sizeof(T))), 16,
-                                            std::max<int64_t>(a.N, 1));
+  const int64_t chunk = std::min<int64_t>(
+      std::max(kChunkBytes / std::max<int64_t>(1, width * int64_t(sizeof(T))), kMinChunkRows),
+      std::max<int64_t>(a.N, 1));
   at::Tensor buf = at::empty({chunk, width}, a.x.options());
   const at::Tensor wt = a.w.t();
   for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
