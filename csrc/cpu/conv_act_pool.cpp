@@ -18,7 +18,8 @@
 // Backward. dz = 0.25 * upsample(grad_out) * act'(act) is formed per sample, in vector registers, into a
 // zero-bordered scratch plane (with the bias-gradient sums taken in the same pass). From it, direct kernels:
 //   grad_W[o, c, ky, kx] = sum_{i,j} dz[o, i, j] * x_pad[c, i + ky, j + kx]   (tiles: 2 out channels x K taps)
-//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 1 row)
+//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 1 row;
+//            kernel rows that fall on the zero border of dz are skipped, as are the forward's on the padding)
 // grad_W and grad_b are accumulated per fixed chunk of kChunk samples (independent of the thread count),
 // and the chunk partials are added in chunk order: results are deterministic run to run.
 // grad_x is computed only when asked (LeNet's first block never needs it).
@@ -136,10 +137,12 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
 // acc[r][o][v] = sum_{c, ky, kx} in[c][r + ky][v*W + kx] * w[o][c][ky][kx] for R consecutive output rows,
 // OB output channels and CB vectors of output columns. `in` points at the tile's first input row and column;
 // `ld` is the input row length, `in_cstride` its channel stride; w's channel stride is k*k, `w_ostride` its
-// output-channel stride (both in weights, each weight a broadcast vector of W copies). KS > 0 fixes the kernel size at compile time (fully unrolled), 0 reads `k_rt`.
+// output-channel stride (both in weights, each weight a broadcast vector of W copies). Only the tile's input
+// rows [t0, t1) are read: the caller passes the rows that are not all zero (padding). KS > 0 fixes the kernel
+// size at compile time (fully unrolled), 0 reads `k_rt`.
 template <typename T, int KS, int R, int OB, int CB>
 FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t w_ostride,
-                                int64_t channels, int64_t k_rt, Vec<T> (&acc)[R][OB][CB]) {
+                                int64_t channels, int64_t k_rt, int64_t t0, int64_t t1, Vec<T> (&acc)[R][OB][CB]) {
   constexpr int W = kWidth<T>;
   const int64_t k = KS > 0 ? KS : k_rt;
   // The loops over r, o and v are unrolled completely so that acc lives in registers.
@@ -153,7 +156,7 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
     const T* ic = in + c * in_cstride;
     const T* wc = w + c * k * k * W;
     // input row t feeds output row r through kernel row ky = t - r: each loaded vector serves R*OB products
-    for (int64_t t = 0; t < k + R - 1; ++t) {
+    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min<int64_t>(t1, k + R - 1); ++t) {
       const T* row = ic + t * ld;
 #pragma GCC unroll 8
       for (int64_t kx = 0; kx < k; ++kx) {
@@ -245,8 +248,9 @@ struct ConvActPoolForward {
       for (int64_t tile = 0; tile < g.tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[2][OB][kColVecs];
-        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw, w + o0 * g.c * g.k * g.k * W,
-                                          g.c * g.k * g.k, g.c, g.k, acc);
+        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw,
+                                          w + o0 * g.c * g.k * g.k * W, g.c * g.k * g.k, g.c, g.k,
+                                          g.pad - 2 * pi, g.pad + g.h - 2 * pi, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, conv_w - col0);  // conv columns kept, even
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
@@ -452,8 +456,8 @@ FASTMNIST_INLINE void weight_grad_tile_cl(const T* dzcl, const T* xpad, const Ge
 // Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
 // sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf, dz and dzcl (channel path) are
 // this task's zeroed scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W
-// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip (C_in, C_out, k, k, vector width) is W flipped in both spatial dimensions and
-// broadcast (only for gx).
+// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip (C_in, C_out, k, k, vector width)
+// is W flipped in both spatial dimensions and broadcast (only for gx).
 template <typename T, Activation A, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
@@ -505,12 +509,15 @@ struct ConvActPoolBackward {
   static FASTMNIST_INLINE void input_grad_block(const T* dz, const Geometry& g, const T* wflip, int64_t c0, T* gx) {
     constexpr int W = kWidth<T>;
     const T* base = dz + g.pad * g.dw + g.pad;
+    const int64_t q = g.k - 1;
     for (int64_t h = 0; h < g.h; ++h) {
       for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[1][OB][kColVecs];
-        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k * W,
-                                          g.o * g.k * g.k, g.o, g.k, acc);
+        // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this row reads plane rows pad + h + t
+        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw,
+                                          wflip + c0 * g.o * g.k * g.k * W, g.o * g.k * g.k, g.o, g.k,
+                                          q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, g.w - col0);
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
