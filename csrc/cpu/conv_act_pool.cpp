@@ -18,7 +18,8 @@
 // Backward. dz = 0.25 * upsample(grad_out) * act'(act) is formed per sample, in vector registers, into a
 // zero-bordered scratch plane (with the bias-gradient sums taken in the same pass). From it, direct kernels:
 //   grad_W[o, c, ky, kx] = sum_{i,j} dz[o, i, j] * x_pad[c, i + ky, j + kx]   (tiles: 2 out channels x K taps)
-//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 1 row)
+//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 1 row;
+//            kernel rows that fall on the zero border of dz are skipped, as are the forward's on the padding)
 // grad_W and grad_b are accumulated per fixed chunk of kChunk samples (independent of the thread count),
 // and the chunk partials are added in chunk order: results are deterministic run to run.
 // grad_x is computed only when asked (LeNet's first block never needs it).
@@ -69,6 +70,13 @@ at::Tensor broadcast_weights(const at::Tensor& w) {
   return w.contiguous().unsqueeze(-1).expand({-1, -1, -1, -1, kWidth<T>}).contiguous();
 }
 
+// The weights (C_out, C_in, k, k) laid out as (C_in, k, k, op), output channels padded with zeros to op.
+at::Tensor channels_last_weights(const at::Tensor& w, int64_t op) {
+  at::Tensor wcl = at::zeros({w.size(1), w.size(2), w.size(3), op}, w.options());
+  wcl.narrow(3, 0, w.size(0)).copy_(w.permute({1, 2, 3, 0}));
+  return wcl;
+}
+
 // Shapes and scratch-buffer geometry of one call, computed once on the host. All row lengths of the
 // scratch buffers include the slack that the vector loads of the last column tile read (zeros).
 struct Geometry {
@@ -81,6 +89,10 @@ struct Geometry {
   int64_t xh, xw, tiles;  // tiles: column tiles of the forward (kColVecs vectors of conv columns each)
   // dz plane: (o, dh, dw), dz[i][j] stored at [q + i][q + j], q = k - 1, zero elsewhere
   int64_t dh, dw, dcols, in_tiles;  // dcols: dz columns read by grad_W; in_tiles: column tiles of grad_x
+  // channel path (forward and grad_W vectorised over output channels, padded to op = round_up(o, W)): taken
+  // when it wastes fewer lanes than the column path, whose tiles compute tiles * 2W columns per conv row
+  int64_t op;
+  bool chan;
 };
 
 template <typename T>
@@ -99,6 +111,8 @@ Geometry make_geometry(const at::Tensor& x4, const ConvActPoolShape& s) {
   g.in_tiles = (g.w + kColVecs * W - 1) / (kColVecs * W);
   g.dh = std::max(q + 2 * g.ho, g.pad + g.h + g.k - 1);
   g.dw = std::max(q + g.dcols, g.pad + g.in_tiles * kColVecs * W + g.k - 1);
+  g.op = round_up(g.o, W);
+  g.chan = g.op * 2 * g.wo <= g.o * g.tiles * kColVecs * W;
   return g;
 }
 
@@ -123,10 +137,12 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
 // acc[r][o][v] = sum_{c, ky, kx} in[c][r + ky][v*W + kx] * w[o][c][ky][kx] for R consecutive output rows,
 // OB output channels and CB vectors of output columns. `in` points at the tile's first input row and column;
 // `ld` is the input row length, `in_cstride` its channel stride; w's channel stride is k*k, `w_ostride` its
-// output-channel stride (both in weights, each weight a broadcast vector of W copies). KS > 0 fixes the kernel size at compile time (fully unrolled), 0 reads `k_rt`.
+// output-channel stride (both in weights, each weight a broadcast vector of W copies). Only the tile's input
+// rows [t0, t1) are read: the caller passes the rows that are not all zero (padding). KS > 0 fixes the kernel
+// size at compile time (fully unrolled), 0 reads `k_rt`.
 template <typename T, int KS, int R, int OB, int CB>
 FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t w_ostride,
-                                int64_t channels, int64_t k_rt, Vec<T> (&acc)[R][OB][CB]) {
+                                int64_t channels, int64_t k_rt, int64_t t0, int64_t t1, Vec<T> (&acc)[R][OB][CB]) {
   constexpr int W = kWidth<T>;
   const int64_t k = KS > 0 ? KS : k_rt;
   // The loops over r, o and v are unrolled completely so that acc lives in registers.
@@ -140,7 +156,7 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
     const T* ic = in + c * in_cstride;
     const T* wc = w + c * k * k * W;
     // input row t feeds output row r through kernel row ky = t - r: each loaded vector serves R*OB products
-    for (int64_t t = 0; t < k + R - 1; ++t) {
+    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min<int64_t>(t1, k + R - 1); ++t) {
       const T* row = ic + t * ld;
 #pragma GCC unroll 8
       for (int64_t kx = 0; kx < k; ++kx) {
@@ -184,6 +200,42 @@ FASTMNIST_INLINE Vec<T> pair_sums(Vec<T> a, Vec<T> b) {
   }
 }
 
+// Channel path tile: conv rows 2 pi, 2 pi + 1 and columns 2 pj .. 2 pj + 2 PC - 1 (PC pooling windows) for OB
+// vectors of output channels, acc[r][col][v] = sum_{c, ky, kx} x_pad[c][2 pi + r + ky][2 pj + col + kx] *
+// wcl[c][ky][kx][v*W ..]. `in` points at x_pad[0][2 pi][2 pj], `wcl` at the tile's first output channel of the
+// weights laid out (C_in, k, k, op): every input value is broadcast and multiplies whole channel vectors.
+template <typename T, int KS, int PC, int OB>
+FASTMNIST_INLINE void conv_tile_cl(const T* in, const Geometry& g, const T* wcl, Vec<T> (&acc)[2][2 * PC][OB]) {
+  constexpr int W = kWidth<T>;
+  const int64_t k = KS > 0 ? KS : g.k;
+#pragma GCC unroll 16
+  for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 16
+    for (int col = 0; col < 2 * PC; ++col)
+#pragma GCC unroll 16
+      for (int v = 0; v < OB; ++v) acc[r][col][v] = Vec<T>{};
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t ky = 0; ky < k; ++ky) {
+      const T* r0 = in + (c * g.xh + ky) * g.xw;
+      const T* wr = wcl + (c * k + ky) * k * g.op;
+#pragma GCC unroll 8
+      for (int64_t kx = 0; kx < k; ++kx) {
+        Vec<T> wv[OB];
+#pragma GCC unroll 16
+        for (int v = 0; v < OB; ++v) wv[v] = cpu::load<T>(wr + kx * g.op + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 16
+          for (int col = 0; col < 2 * PC; ++col) {
+            const Vec<T> xb = splat<T>(r0[r * g.xw + col + kx]);
+#pragma GCC unroll 16
+            for (int v = 0; v < OB; ++v) acc[r][col][v] += xb * wv[v];
+          }
+      }
+    }
+  }
+}
+
 // Forward for samples [n0, n1). `buf` is this task's zeroed padded-input buffer; `act` may be null.
 template <typename T, Activation A, int KS>
 struct ConvActPoolForward {
@@ -196,8 +248,9 @@ struct ConvActPoolForward {
       for (int64_t tile = 0; tile < g.tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[2][OB][kColVecs];
-        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw, w + o0 * g.c * g.k * g.k * W,
-                                          g.c * g.k * g.k, g.c, g.k, acc);
+        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw,
+                                          w + o0 * g.c * g.k * g.k * W, g.c * g.k * g.k, g.c, g.k,
+                                          g.pad - 2 * pi, g.pad + g.h - 2 * pi, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, conv_w - col0);  // conv columns kept, even
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
@@ -230,12 +283,67 @@ struct ConvActPoolForward {
       if (o < g.o) channel_blocks<OB - 1>(o, xpad, g, w, bias, out, act);
     }
   }
+  // Channel path: PC pooling windows x OB channel vectors from output channel o0 (bcl: bias padded to op).
+  // Lanes of padded channels (o >= g.o) are computed and dropped.
+  template <int PC, int OB>
+  static FASTMNIST_INLINE void window_tile(const T* xpad, const Geometry& g, const T* wcl, const T* bcl, int64_t o0,
+                                           int64_t pi, int64_t pj, T* out, T* act) {
+    constexpr int W = kWidth<T>;
+    Vec<T> acc[2][2 * PC][OB];
+    conv_tile_cl<T, KS, PC, OB>(xpad + 2 * pi * g.xw + 2 * pj, g, wcl + o0, acc);
+#pragma GCC unroll 16
+    for (int v = 0; v < OB; ++v) {
+      const Vec<T> b = cpu::load<T>(bcl + o0 + v * W);
+      const int64_t ob = o0 + v * W, lanes = std::min<int64_t>(W, g.o - ob);
+#pragma GCC unroll 16
+      for (int p = 0; p < PC; ++p) {
+        Vec<T> pooled{};
+#pragma GCC unroll 16
+        for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 16
+          for (int cc = 0; cc < 2; ++cc) {
+            const Vec<T> y = cpu::vactivate<A, T>(acc[r][2 * p + cc][v] + b, T(0));
+            pooled += y;
+            if (act != nullptr) {
+              T* a = act + (ob * 2 * g.ho + 2 * pi + r) * 2 * g.wo + 2 * (pj + p) + cc;
+              for (int64_t l = 0; l < lanes; ++l) a[l * 4 * g.ho * g.wo] = y[l];
+            }
+          }
+        pooled *= T(0.25);
+        T* o = out + (ob * g.ho + pi) * g.wo + pj + p;
+        for (int64_t l = 0; l < lanes; ++l) o[l * g.ho * g.wo] = pooled[l];
+      }
+    }
+  }
+  // Channel path for one sample: pairs of channel vectors, one window at a time (8 accumulators for T = float);
+  // a last single vector two windows at a time.
+  static FASTMNIST_INLINE void channel_path(const T* xpad, const Geometry& g, const T* wcl, const T* bcl, T* out,
+                                            T* act) {
+    constexpr int W = kWidth<T>;
+    for (int64_t pi = 0; pi < g.ho; ++pi) {
+      int64_t o0 = 0;
+      for (; o0 + 2 * W <= g.op; o0 += 2 * W)
+        for (int64_t pj = 0; pj < g.wo; ++pj) window_tile<1, 2>(xpad, g, wcl, bcl, o0, pi, pj, out, act);
+      if (o0 < g.op) {
+        int64_t pj = 0;
+        for (; pj + 2 <= g.wo; pj += 2) window_tile<2, 1>(xpad, g, wcl, bcl, o0, pi, pj, out, act);
+        if (pj < g.wo) window_tile<1, 1>(xpad, g, wcl, bcl, o0, pi, pj, out, act);
+      }
+    }
+  }
+  // w: broadcast weights (column path) or channels-last weights (channel path); bias: the channel path's padded
+  // bias (never null there).
   static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* w, const T* bias, T* out, T* act, T* buf,
                                    int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       fill_padded<T>(x + n * g.sxn, g, buf);
-      channel_blocks<kConvBlock>(0, buf, g, w, bias, out + n * g.o * g.ho * g.wo,
-                                 act != nullptr ? act + n * g.o * 4 * g.ho * g.wo : nullptr);
+      T* out_n = out + n * g.o * g.ho * g.wo;
+      T* act_n = act != nullptr ? act + n * g.o * 4 * g.ho * g.wo : nullptr;
+      if (g.chan) {
+        channel_path(buf, g, w, bias, out_n, act_n);
+      } else {
+        channel_blocks<kConvBlock>(0, buf, g, w, bias, out_n, act_n);
+      }
     }
   }
 };
@@ -313,11 +421,43 @@ FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometr
     }
 }
 
+// Channel path: gwcl[c][ky][kx0 + b][v*W ..] += sum_{i, j} x_pad[c][i + ky][j + kx0 + b] * dzcl[i][j][v*W ..] for KB
+// taps and OB channel vectors (gwcl, dzcl pointing at the first output channel). dzcl is dz laid out channels
+// last, (2 ho, 2 wo, op), padded channels zero.
+template <typename T, int KB, int OB>
+FASTMNIST_INLINE void weight_grad_tile_cl(const T* dzcl, const T* xpad, const Geometry& g, int64_t c, int64_t ky,
+                                          int64_t kx0, T* gwcl) {
+  constexpr int W = kWidth<T>;
+  Vec<T> acc[KB][OB] = {};
+  for (int64_t i = 0; i < 2 * g.ho; ++i) {
+    const T* xr = xpad + (c * g.xh + i + ky) * g.xw + kx0;
+    const T* dr = dzcl + i * 2 * g.wo * g.op;
+    for (int64_t j = 0; j < 2 * g.wo; ++j) {
+      Vec<T> dv[OB];
+#pragma GCC unroll 16
+      for (int v = 0; v < OB; ++v) dv[v] = cpu::load<T>(dr + j * g.op + v * W);
+#pragma GCC unroll 16
+      for (int b = 0; b < KB; ++b) {
+        const Vec<T> xb = splat<T>(xr[j + b]);
+#pragma GCC unroll 16
+        for (int v = 0; v < OB; ++v) acc[b][v] += xb * dv[v];
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int b = 0; b < KB; ++b)
+#pragma GCC unroll 16
+    for (int v = 0; v < OB; ++v) {
+      T* p = gwcl + ((c * g.k + ky) * g.k + kx0 + b) * g.op + v * W;
+      cpu::store(p, cpu::load<T>(p) + acc[b][v]);
+    }
+}
+
 // Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
-// sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf and dz are this task's zeroed
-// scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W;
-// scratch buffers; wflip (C_in, C_out, k, k, vector width) is W flipped in both spatial dimensions and
-// broadcast (only for gx).
+// sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf, dz and dzcl (channel path) are
+// this task's zeroed scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W
+// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip (C_in, C_out, k, k, vector width)
+// is W flipped in both spatial dimensions and broadcast (only for gx).
 template <typename T, Activation A, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
@@ -338,17 +478,46 @@ struct ConvActPoolBackward {
       if (o < g.o) weight_grad<OB - 1>(o, dz, xpad, g, gw);
     }
   }
+  // Channel path: dz transposed to channels last, then tiles of K taps x 2 channel vectors (10 accumulators
+  // for LeNet's float case), a last single vector alone.
+  static FASTMNIST_INLINE void weight_grad_cl(const T* dz, T* dzcl, const T* xpad, const Geometry& g, T* gwcl) {
+    constexpr int W = kWidth<T>;
+    const int64_t q = g.k - 1, conv_w = 2 * g.wo;
+    for (int64_t o = 0; o < g.o; ++o)
+      for (int64_t i = 0; i < 2 * g.ho; ++i) {
+        const T* drow = dz + (o * g.dh + q + i) * g.dw + q;
+        for (int64_t j = 0; j < conv_w; ++j) dzcl[(i * conv_w + j) * g.op + o] = drow[j];
+      }
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t ky = 0; ky < g.k; ++ky) {
+        int64_t o0 = 0;
+        for (; o0 + 2 * W <= g.op; o0 += 2 * W) weight_grad_taps<2>(dzcl + o0, xpad, g, c, ky, gwcl + o0);
+        if (o0 < g.op) weight_grad_taps<1>(dzcl + o0, xpad, g, c, ky, gwcl + o0);
+      }
+  }
+  template <int OB>
+  static FASTMNIST_INLINE void weight_grad_taps(const T* dzcl, const T* xpad, const Geometry& g, int64_t c,
+                                                int64_t ky, T* gwcl) {
+    if constexpr (KS > 0) {
+      weight_grad_tile_cl<T, KS, OB>(dzcl, xpad, g, c, ky, 0, gwcl);
+    } else {
+      for (int64_t kx = 0; kx < g.k; ++kx) weight_grad_tile_cl<T, 1, OB>(dzcl, xpad, g, c, ky, kx, gwcl);
+    }
+  }
 
   template <int OB>
   static FASTMNIST_INLINE void input_grad_block(const T* dz, const Geometry& g, const T* wflip, int64_t c0, T* gx) {
     constexpr int W = kWidth<T>;
     const T* base = dz + g.pad * g.dw + g.pad;
+    const int64_t q = g.k - 1;
     for (int64_t h = 0; h < g.h; ++h) {
       for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[1][OB][kColVecs];
-        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k * W,
-                                          g.o * g.k * g.k, g.o, g.k, acc);
+        // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this row reads plane rows pad + h + t
+        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw,
+                                          wflip + c0 * g.o * g.k * g.k * W, g.o * g.k * g.k, g.o, g.k,
+                                          q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, g.w - col0);
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
@@ -369,9 +538,9 @@ struct ConvActPoolBackward {
   }
 
   static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* wflip, const T* gout, const T* act, T* gx,
-                                   T* gw, T* gb, T* xbuf, T* dz, T* gwv, int64_t n0, int64_t n1) {
+                                   T* gw, T* gb, T* xbuf, T* dz, T* dzcl, T* gwv, int64_t n0, int64_t n1) {
     constexpr int W = kWidth<T>;
-    const int64_t wsize = g.o * g.c * g.k * g.k;
+    const int64_t wsize = g.o * g.c * g.k * g.k, kk = g.k * g.k;
     if (gw != nullptr) std::fill(gwv, gwv + wsize * W, T(0));
     if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
     const int64_t out_numel = g.o * g.ho * g.wo;
@@ -379,12 +548,20 @@ struct ConvActPoolBackward {
       form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb);
       if (gw != nullptr) {
         fill_padded<T>(x + n * g.sxn, g, xbuf);
-        weight_grad<kWGradBlock>(0, dz, xbuf, g, gwv);
+        if (g.chan) {
+          weight_grad_cl(dz, dzcl, xbuf, g, gwv);
+        } else {
+          weight_grad<kWGradBlock>(0, dz, xbuf, g, gwv);
+        }
       }
       if (gx != nullptr) input_grad_blocks<kInGradBlock>(0, dz, g, wflip, gx + n * g.c * g.h * g.w);
     }
-    if (gw != nullptr)
+    if (gw != nullptr && g.chan) {
+      for (int64_t o = 0; o < g.o; ++o)
+        for (int64_t i = 0; i < g.c * kk; ++i) gw[o * g.c * kk + i] = gwv[i * g.op + o];
+    } else if (gw != nullptr) {
       for (int64_t i = 0; i < wsize; ++i) gw[i] = cpu::reduce_add<T>(cpu::load<T>(gwv + i * W));
+    }
   }
 };
 
@@ -413,9 +590,17 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
     saved = save_act ? at::empty({n, g.o, 2 * g.ho, 2 * g.wo}, x.options()) : at::empty({0}, x.options());
     if (out.numel() == 0) return;
     const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
-    wvec = broadcast_weights<scalar_t>(w);
+    at::Tensor bpad;
+    if (g.chan) {
+      wvec = channels_last_weights(w, g.op);
+      bpad = at::zeros({g.op}, x.options());
+      if (b.defined()) bpad.narrow(0, 0, g.o).copy_(b);
+    } else {
+      wvec = broadcast_weights<scalar_t>(w);
+      bpad = b;
+    }
     const scalar_t* w_ptr = wvec.const_data_ptr<scalar_t>();
-    const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b_ptr = bpad.defined() ? bpad.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
     // about 64k multiply-adds per task at least
@@ -477,11 +662,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
           at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
             std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw : 0, scalar_t(0));
             std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
+            std::vector<scalar_t> dzcl(need_w && geo.chan ? 4 * geo.ho * geo.wo * geo.op : 0, scalar_t(0));
             std::vector<scalar_t> gwv(need_w ? wsize * kWidth<scalar_t> : 0);
             for (int64_t c = c0; c < c1; ++c) {
               cpu::run_kernel<ConvActPoolBackward<scalar_t, A, KS>>(
                   x_ptr, geo, wf_ptr, g_ptr, a_ptr, gx_ptr, wp_ptr ? wp_ptr + c * wsize : nullptr,
-                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), gwv.data(), c * kChunk,
+                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), dzcl.data(), gwv.data(), c * kChunk,
                   std::min(n, (c + 1) * kChunk));
             }
           });
