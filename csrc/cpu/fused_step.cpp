@@ -8,9 +8,9 @@
 //
 // Per step:
 //   forward   a_i = layer_i(a_{i-1}), each layer writing into its workspace buffer (a flatten is a view); the
-//             outputs are what backward needs (linear: the output gives the activation derivative; layer norm also keeps
-//             the per-row mean and 1/std; the LeNet block keeps its pre-pooling activation, and allocates its
-//             outputs per call, as its op does)
+//             outputs are what backward needs (linear: the output gives the activation derivative; layer norm
+//             also keeps the per-row mean and 1/std; the LeNet block keeps its pre-pooling activation, and
+//             allocates its outputs per call, as its op does)
 //   loss      value and d loss / d logits in one pass over the logits
 //   backward  from the last layer to the first: the gradient w.r.t. the layer input is computed (only when an
 //             earlier layer has parameters) BEFORE that layer's parameters are updated, then the parameter
