@@ -36,6 +36,17 @@ inline void check_saved_lse(const char* op, const at::Tensor& lse, int64_t rows)
               ": lse must be float64 of shape (", rows, ",), got ", lse.scalar_type(), " ", lse.sizes());
 }
 
+// Optional class weights `name`: shape (classes,), with the dtype and device of `ref`. Returns them contiguous,
+// or an undefined tensor when absent.
+inline at::Tensor checked_class_weights(const char* op, const char* name, const std::optional<at::Tensor>& weight,
+                                        const char* ref_name, const at::Tensor& ref, int64_t classes) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  check_same_dtype_device(op, name, *weight, ref_name, ref);
+  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op, ": ", name, " must have one entry per class (",
+              classes, ",), got shape ", weight->sizes());
+  return weight->contiguous();
+}
+
 struct SoftmaxCEArgs {
   at::Tensor x, target, weight;  // logits (rows, C), targets, class weights (C,) or undefined; contiguous
   bool prob;                     // probability targets (rows, C); else class indices (rows,)
@@ -61,12 +72,7 @@ inline SoftmaxCEArgs check_softmax_ce_args(const char* op, FloatCheck check_floa
   } else {
     check_index_target(op, target, logits, n.rows);
   }
-  if (weight.has_value() && weight->defined()) {
-    check_same_dtype_device(op, "weight", *weight, "logits", logits);
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == n.C, op, ": weight must have one entry per class (", n.C,
-                ",), got shape ", weight->sizes());
-    n.weight = weight->contiguous();
-  }
+  n.weight = checked_class_weights(op, "weight", weight, "logits", logits, n.C);
   n.x = logits.contiguous();
   n.target = target.contiguous();
   return n;
@@ -126,12 +132,7 @@ inline LinearCEArgs check_linear_ce_args(const char* op, FloatCheck check_float,
   } else {
     check_index_target(op, target, x, rows);
   }
-  if (class_weight.has_value() && class_weight->defined()) {
-    check_same_dtype_device(op, "class_weight", *class_weight, "x", x);
-    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == a.C, op,
-                ": class_weight must have one entry per class (", a.C, ",), got shape ", class_weight->sizes());
-    a.class_weight = class_weight->contiguous();
-  }
+  a.class_weight = checked_class_weights(op, "class_weight", class_weight, "x", x, a.C);
   a.x = x.contiguous();
   a.w = weight.contiguous();
   a.target = target.contiguous();
