@@ -1,22 +1,15 @@
 // Every fastmnist op schema, in one place. Kernels register per device with TORCH_LIBRARY_IMPL in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and fake (shape) kernels are registered from Python in
-// fastmnist/ops/. Backward kernels are ops of their own, so that torch.compile can trace them.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, autograd in csrc/*_autograd.cpp; fake (shape) kernels are registered from
+// Python in fastmnist/ops/. Backward kernels are ops of their own, so that torch.compile can trace them.
+// csrc/python_module.cpp holds the Python module fastmnist._C and its direct entry points to the forward ops.
 //
 // Conventions: `output_mask` says which gradients the caller needs; a gradient that is not needed comes back
 // as an empty tensor and is never computed. Activation names are strings ("identity", "relu", "leaky_relu",
 // "sigmoid", "tanh"), checked by the kernels.
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/simd.h"
-
-// The extension is a Python module only so that `import fastmnist._C` loads the library; it holds no Python
-// objects. Everything is reached through torch.ops.fastmnist.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
 
 TORCH_LIBRARY(fastmnist, m) {
   // ---- linear + activation (csrc/cpu/linear_act.cpp) ----

@@ -6,6 +6,14 @@ import torch
 
 from .. import _lib
 
+# fastmnist._C's direct entry points, one per forward op (csrc/python_module.cpp)
+_DIRECT = {}
+if _lib.LOADED:
+    from .. import _C
+
+    _DIRECT = {name: getattr(_C, name) for name in
+               ("linear_act", "softmax_cross_entropy", "linear_cross_entropy", "sigmoid_bce", "conv_act_pool")}
+
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
 
 
@@ -33,3 +41,16 @@ def check_devices(op, *tensors):
                     f"{op}: got a CUDA tensor, but fastmnist was built without CUDA kernels; rebuild with a CUDA "
                     "torch and nvcc (pip install --no-build-isolation .)"
                 )
+
+
+def call_op(name, *args):
+    """``torch.ops.fastmnist.<name>(*args)``, through the op's direct entry point in fastmnist._C when it takes
+    these arguments (plain tensors on a device with kernels, plain Python scalars; ~5 us less per call, the same
+    dispatcher path and results), else through torch.ops. torch.compile always sees the torch.ops call."""
+    direct = _DIRECT.get(name)
+    if direct is not None and not torch.compiler.is_compiling():
+        out = direct(*args)
+        if out is not NotImplemented:
+            return out
+    check_devices(name, *args)
+    return getattr(torch.ops.fastmnist, name).default(*args)

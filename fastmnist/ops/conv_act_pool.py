@@ -6,7 +6,7 @@ import numbers
 import torch
 
 from .. import _lib
-from ._common import check_devices
+from ._common import call_op, check_devices
 
 ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
 
@@ -42,8 +42,7 @@ def conv_act_pool(x, weight, bias=None, padding=0, activation="sigmoid"):
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias)
     )
-    out, _ = torch.ops.fastmnist.conv_act_pool(x, weight, bias, padding, activation,
-                                               needs_grad and activation != "identity")
+    out, _ = call_op("conv_act_pool", x, weight, bias, padding, activation, needs_grad and activation != "identity")
     return out
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import _lib
-from ._common import check_devices, check_number
+from ._common import call_op, check_devices, check_number
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -81,18 +81,6 @@ def normalise_targets(op, logits_shape, logits_dtype, target, weight, ignore_ind
     return target.reshape(-1), tuple(target.shape), False
 
 
-def _overload(name):
-    return getattr(torch.ops.fastmnist, name).default if _lib.LOADED else None
-
-
-_SCE = _overload("softmax_cross_entropy")
-_LCE = _overload("linear_cross_entropy")
-
-
-def _plain_cpu(*tensors):
-    return not _lib.WITH_CUDA and all(t.device.type == "cpu" for t in tensors)
-
-
 def softmax_cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Fused, numerically stable ``F.cross_entropy(logits, target, weight, ignore_index=..., reduction=...,
     label_smoothing=...)``.
@@ -103,11 +91,10 @@ def softmax_cross_entropy(logits, target, weight=None, ignore_index=-100, reduct
     # Fast path for the common call (the loss runs once per step on tiny tensors, where Python checks show):
     # (N, C) logits, (N,) int64 targets, no class weights or smoothing. It checks what the general path checks.
     if (weight is None and label_smoothing == 0.0 and isinstance(reduction, str) and reduction in REDUCTIONS
-            and _SCE is not None and logits.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64
-            and target.shape[0] == logits.shape[0] and not isinstance(label_smoothing, bool)
-            and _plain_cpu(logits, target)):
+            and _lib.LOADED and logits.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64
+            and target.shape[0] == logits.shape[0] and not isinstance(label_smoothing, bool)):
         code = REDUCTIONS[reduction]
-        return _SCE(logits, target, None, ignore_index, code, 0.0)[0]
+        return call_op("softmax_cross_entropy", logits, target, None, ignore_index, code, 0.0)[0]
     return _softmax_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing)
 
 
@@ -125,7 +112,7 @@ def _softmax_cross_entropy(logits, target, weight, ignore_index, reduction, labe
         logits2d = logits
     else:
         logits2d = logits.movedim(1, -1).reshape(-1, logits.shape[1])
-    loss = _SCE(logits2d, target2d, weight, ignore_index, code, label_smoothing)[0]
+    loss = call_op("softmax_cross_entropy", logits2d, target2d, weight, ignore_index, code, label_smoothing)[0]
     return loss.view(none_shape) if code == 0 else loss
 
 
@@ -181,7 +168,8 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, *, weig
             b = b.reshape(num_classes, d).t().reshape(-1)
     grad = torch.is_grad_enabled()
     mask = [grad and x.requires_grad, grad and w.requires_grad, grad and b is not None and b.requires_grad]
-    loss = _LCE(x, w, b, target2d, weight, num_classes, ignore_index, code, label_smoothing, mask)[0]
+    loss = call_op("linear_cross_entropy", x, w, b, target2d, weight, num_classes, ignore_index, code, label_smoothing,
+                   mask)[0]
     return loss.view(none_shape) if code == 0 else loss
 
 

@@ -4,7 +4,7 @@ C++, csrc/linear_act_autograd.cpp)."""
 import torch
 
 from .. import _lib
-from ._common import check_activation, check_devices, check_number
+from ._common import call_op, check_activation, check_number
 
 
 def linear_act(x, weight, bias=None, activation="relu", negative_slope=0.01):
@@ -16,8 +16,7 @@ def linear_act(x, weight, bias=None, activation="relu", negative_slope=0.01):
     """
     check_activation(activation)
     negative_slope = check_number("negative_slope", negative_slope)
-    check_devices("linear_act", x, weight, bias)
-    return torch.ops.fastmnist.linear_act(x, weight, bias, activation, negative_slope)
+    return call_op("linear_act", x, weight, bias, activation, negative_slope)
 
 
 def _linear_act_fake(x, weight, bias, activation, negative_slope):

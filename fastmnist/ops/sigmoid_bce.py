@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import _lib
-from ._common import check_devices
+from ._common import call_op, check_devices
 from .cross_entropy import REDUCTIONS, _check_not_differentiable, reduction_code
 
 
@@ -29,19 +29,15 @@ def _per_class(op, name, t, shape):
     return t.expand(shape).reshape(math.prod(shape[:-1]), c)
 
 
-_BCE = torch.ops.fastmnist.sigmoid_bce.default if _lib.LOADED else None
-
-
 def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
     """Fused, numerically stable ``F.binary_cross_entropy_with_logits(logits, target, weight, reduction=...,
     pos_weight=...)``. weight and pos_weight broadcast to the input's shape (not differentiable); the loss is
     differentiable in logits and target."""
-    # Fast path for the common call: (N, C) logits and targets of one dtype, no weights, on the CPU.
+    # Fast path for the common call: (N, C) logits and targets of one dtype, no weights.
     if (weight is None and pos_weight is None and isinstance(reduction, str) and reduction in REDUCTIONS
-            and _BCE is not None and logits.dim() == 2 and target.shape == logits.shape
-            and target.dtype == logits.dtype and not _lib.WITH_CUDA and logits.device.type == "cpu"
-            and target.device.type == "cpu"):
-        return _BCE(logits, target, None, None, REDUCTIONS[reduction])
+            and _lib.LOADED and logits.dim() == 2 and target.shape == logits.shape
+            and target.dtype == logits.dtype):
+        return call_op("sigmoid_bce", logits, target, None, None, REDUCTIONS[reduction])
     op = "sigmoid_bce"
     code = reduction_code(reduction)
     if target.shape != logits.shape:
@@ -58,7 +54,7 @@ def sigmoid_bce(logits, target, weight=None, pos_weight=None, reduction="mean"):
     w = _per_class(op, "weight", weight, shape)
     pw = _per_class(op, "pos_weight", pos_weight, shape)
     rows = math.prod(shape[:-1])
-    loss = _BCE(logits.reshape(rows, c), target.reshape(rows, c), w, pw, code)
+    loss = call_op("sigmoid_bce", logits.reshape(rows, c), target.reshape(rows, c), w, pw, code)
     return loss.view(shape) if code == 0 else loss
 
 
