@@ -1,10 +1,14 @@
-"""`fastmnist bench --quick` produces its three result files (the timings themselves are not tested)."""
+"""`fastmnist bench --quick` produces its three result files, and the harness times on the threads it stamps
+(the timings themselves are not tested)."""
 
 import json
 
+import pytest
+import torch
 from PIL import Image
 
 from fastmnist import cli
+from fastmnist.bench.harness import Case, run_case, stamp
 
 
 def test_bench_quick_writes_json_table_and_chart(tmp_path):
@@ -19,3 +23,21 @@ def test_bench_quick_writes_json_table_and_chart(tmp_path):
     assert "| softmax b=256, 1000 images |" in (tmp_path / "epochs_quick.md").read_text()
     with Image.open(tmp_path / "epochs_quick.png") as image:
         assert image.format == "PNG" and image.width > 100
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_timings_run_on_the_stamped_thread_count(threads):
+    seen = []
+
+    def record():
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_case(Case("threads", ("baseline", record), [("candidate", record)], {}), rounds=2, min_run_time=0.001)
+        stamped = stamp()["threads"]
+    finally:
+        torch.set_num_threads(before)
+    assert stamped == threads
+    assert seen and set(seen) == {threads}

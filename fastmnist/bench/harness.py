@@ -101,7 +101,9 @@ def run_case(case: Case, rounds: int = 5, min_run_time: float = 0.1, device: str
     per_round: dict[str, list[float]] = {label: [] for label, _ in entries}
     for _ in range(rounds):
         for label, fn in entries:
-            timer = tbench.Timer(stmt="fn()", globals={"fn": _synchronized(fn, device)})
+            # Timer runs the statement on num_threads threads (its default is 1): time on the threads stamped
+            timer = tbench.Timer(stmt="fn()", globals={"fn": _synchronized(fn, device)},
+                                 num_threads=torch.get_num_threads())
             per_round[label].append(timer.blocked_autorange(min_run_time=min_run_time).median)
     base_label = case.baseline[0]
     base = statistics.median(per_round[base_label])
