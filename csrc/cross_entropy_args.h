@@ -78,10 +78,12 @@ inline SoftmaxCEArgs check_softmax_ce_args(const char* op, FloatCheck check_floa
   return n;
 }
 
-// softmax_cross_entropy_backward's grad_loss (the loss's shape, as the reduction makes it) and lse.
-inline void check_softmax_ce_backward_args(const char* op, const at::Tensor& grad_loss, const at::Tensor& lse,
-                                           const at::Tensor& logits, int64_t reduction, int64_t rows) {
-  check_same_dtype_device(op, "grad_loss", grad_loss, "logits", logits);
+// The backward ops' grad_loss (the loss's shape, as the reduction makes it: (rows,) for none, else a scalar) and
+// the saved lse, for softmax_cross_entropy_backward (input "logits") and linear_cross_entropy_backward ("x").
+inline void check_ce_grad_loss_args(const char* op, const at::Tensor& grad_loss, const at::Tensor& lse,
+                                    const char* input_name, const at::Tensor& input, int64_t reduction,
+                                    int64_t rows) {
+  check_same_dtype_device(op, "grad_loss", grad_loss, input_name, input);
   check_saved_lse(op, lse, rows);
   if (reduction == kNone) {
     TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == rows, op, ": grad_loss must have shape (", rows,
@@ -137,15 +139,6 @@ inline LinearCEArgs check_linear_ce_args(const char* op, FloatCheck check_float,
   a.w = weight.contiguous();
   a.target = target.contiguous();
   return a;
-}
-
-// linear_cross_entropy_backward's grad_loss (the loss's shape, as the reduction makes it) and lse.
-inline void check_linear_ce_backward_args(const char* op, const at::Tensor& grad_loss, const at::Tensor& lse,
-                                          const at::Tensor& x, int64_t reduction, int64_t rows) {
-  check_same_dtype_device(op, "grad_loss", grad_loss, "x", x);
-  check_saved_lse(op, lse, rows);
-  TORCH_CHECK(reduction == kNone ? (grad_loss.dim() == 1 && grad_loss.size(0) == rows) : grad_loss.numel() == 1, op,
-              ": grad_loss has shape ", grad_loss.sizes(), ", which does not match the loss");
 }
 
 }  // namespace fastmnist

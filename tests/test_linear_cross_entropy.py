@@ -249,3 +249,19 @@ def test_property_against_eager(n, k, C, reduction, weighted, ignore, smoothing,
     ignore = ignore and not prob
     x, w, b, target, cw = make_inputs(n, k, C, (), weighted, ignore, prob, bias, torch.float32, gen)
     check_against_eager(x, w, b, target, options(reduction, ignore, smoothing, cw), atol=2e-5)
+
+
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_backward_ops_reject_a_grad_loss_of_the_wrong_shape(reduction):
+    """Both backward ops check grad_loss against the loss's shape (one shared check, cross_entropy_args.h)."""
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    x, w = torch.randn(3, 5), torch.randn(4, 5)
+    _, lse = torch.ops.fastmnist.softmax_cross_entropy(logits, target, None, -100, reduction, 0.0)
+    wrong = torch.ones(2) if reduction == 0 else torch.ones(3)
+    expected = r"must have shape \(3,\) for reduction none" if reduction == 0 else "must be a scalar for a reduced loss"
+    with pytest.raises(RuntimeError, match="softmax_cross_entropy_backward: grad_loss " + expected):
+        torch.ops.fastmnist.softmax_cross_entropy_backward(wrong, logits, target, None, lse, -100, reduction, 0.0,
+                                                           [True, False])
+    with pytest.raises(RuntimeError, match="linear_cross_entropy_backward: grad_loss " + expected):
+        torch.ops.fastmnist.linear_cross_entropy_backward(wrong, x, w, None, target, None, lse, 4, -100, reduction,
+                                                          0.0, [True, True, False])

@@ -310,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cpu(
     double label_smoothing, std::array<bool, 2> output_mask) {
   constexpr const char* op = "softmax_cross_entropy_backward";
   SoftmaxCEArgs n = check_softmax_ce_args(op, check_float_tensor, logits, target, weight, reduction, label_smoothing);
-  check_softmax_ce_backward_args(op, grad_loss, lse, logits, reduction, n.rows);
+  check_ce_grad_loss_args(op, grad_loss, lse, "logits", logits, reduction, n.rows);
   n.weight = padded_class_weight(n.weight);
   const bool want_q = output_mask[1] && n.prob;
   at::Tensor grad = output_mask[0] ? at::empty_like(n.x) : at::empty({0}, logits.options());
@@ -429,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   LinearCEArgs a = check_linear_ce_args(op, check_float_tensor, x, weight, bias, target, class_weight, num_classes,
                                         reduction, label_smoothing);
   const int64_t rows = a.N * a.D;
-  check_linear_ce_backward_args(op, grad_loss, lse, x, reduction, rows);
+  check_ce_grad_loss_args(op, grad_loss, lse, "x", x, reduction, rows);
   a.class_weight = padded_class_weight(a.class_weight);
   std::array<bool, 3> mask = {output_mask[0], output_mask[1], output_mask[2] && a.b.defined()};
   const auto opts = x.options();

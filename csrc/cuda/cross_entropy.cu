@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cuda(
   const SoftmaxCEArgs n =
       check_softmax_ce_args(op, check_float_tensor, logits, target, weight, reduction, label_smoothing);
   check_cuda_tensor(op, "logits", logits);
-  check_softmax_ce_backward_args(op, grad_loss, lse, logits, reduction, n.rows);
+  check_ce_grad_loss_args(op, grad_loss, lse, "logits", logits, reduction, n.rows);
   TORCH_CHECK(lse.device() == logits.device(), op, ": lse is on ", lse.device(), " but logits are on ",
               logits.device());
   const c10::cuda::OptionalCUDAGuard guard(device_of(logits));
@@ -397,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
                                               num_classes, reduction, label_smoothing);
   check_cuda_tensor(op, "x", x);
   const int64_t rows = a.N * a.D;
-  check_linear_ce_backward_args(op, grad_loss, lse, x, reduction, rows);
+  check_ce_grad_loss_args(op, grad_loss, lse, "x", x, reduction, rows);
   TORCH_CHECK(lse.device() == x.device(), op, ": lse is on ", lse.device(), " but x is on ", x.device());
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
   std::array<bool, 3> mask = {output_mask[0], output_mask[1], output_mask[2] && a.b.defined()};
