@@ -86,6 +86,24 @@ def test_against_eager_float32(shape):
         check_against_eager(logits, target, options(reduction, ignore, smoothing, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [1, 2, 10, 16, 17])
+def test_short_rows_in_lanes(dtype, C):
+    """Rows of <= 16 classes with index targets go through the kernel that puts one row per vector lane (8 float
+    or 4 double rows per block, the rest row by row): full and partial blocks, ignored and extreme rows in a block."""
+    gen = torch.Generator().manual_seed(C)
+    for n in (3, 4, 5, 8, 9, 35):
+        for reduction, weighted, ignore, smoothing, prob in GRID:
+            if prob:
+                continue
+            logits, target, weight = make_inputs((n, C), weighted, ignore, prob, dtype, gen)
+            logits[n // 2] *= 3e3  # logits of about +-1e4
+            if n > 4:
+                logits[1, : C // 2] = float("-inf")
+                logits[3] = float("-inf")  # NaN loss (or 0 when ignored) and NaN gradient, as eager
+            check_against_eager(logits, target, options(reduction, ignore, smoothing, weight))
+
+
 def test_noncontiguous_logits_and_grad():
     gen = torch.Generator().manual_seed(2)
     for reduction, weighted, ignore, smoothing, prob in GRID:
@@ -106,7 +124,7 @@ def test_cpu_paths(path):
         torch.ops.fastmnist.set_cpu_path(path)
     try:
         gen = torch.Generator().manual_seed(3)
-        for shape in [(5, 3), (4, 41), (2, 200)]:
+        for shape in [(5, 3), (11, 10), (4, 41), (2, 200)]:
             for reduction, weighted, ignore, smoothing, prob in GRID[::3]:
                 logits, target, weight = make_inputs(shape, weighted, ignore, prob, torch.float32, gen)
                 check_against_eager(logits, target, options(reduction, ignore, smoothing, weight))

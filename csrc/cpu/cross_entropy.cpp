@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/cross_entropy.h"
 #include "cpu/loss_vec.h"
 #include "cross_entropy_args.h"
 
@@ -36,33 +37,13 @@
 namespace fastmnist {
 namespace {
 
+using cpu::CERows;
 using cpu::IntVec;
 using cpu::kWidth;
 using cpu::Vec;
 
 constexpr int64_t kChunkBytes = int64_t(4) << 20;  // linear_cross_entropy: logits buffer per chunk, unless
 constexpr int64_t kMinChunkRows = 256;             // fewer rows: a GEMM of fewer rows runs far below peak
-
-// What one call of the row kernel reads and writes. Pointers that are not needed are null.
-template <typename T>
-struct CERows {
-  const T* x;          // (rows, C) logits
-  int64_t C;
-  const int64_t* y;    // class-index targets (rows,), or null
-  const T* q;          // probability targets (rows, C), or null
-  const T* w;          // class weights (C,) padded with zeros to a whole vector, or null
-  int64_t ignore_index;
-  T eps;               // label smoothing
-  T w_sum;             // sum of the class weights (C without weights)
-  double* lse;         // per-row log-sum-exp: written, or read when lse_in
-  bool lse_in;
-  T* loss;             // per-row loss
-  T* grad;             // (rows, C) logit gradient; may alias x
-  const T* gscale;     // grad_output per row (stride gscale_stride; 0 for a scalar), times gmul
-  int64_t gscale_stride;
-  T gmul;
-  T* grad_q;           // gradient of the probability targets
-};
 
 // Row log-sum-exp in one pass. A row of at most four vectors (10 classes: two) is held in registers: its max,
 // then the sum of exp(x - max). Longer rows keep per lane a running max M and sum S of exp(x - M), rescaled
@@ -115,6 +96,88 @@ FASTMNIST_INLINE double row_lse(const T* x, int64_t C, bool over, IntVec<T> tail
   return double(m) + std::log(double(s));
 }
 
+// Short rows with class-index targets (C <= kLanesMaxC: the tutorials' 10 classes), kWidth rows at a time:
+// the block is transposed into one vector per class with one row per lane, so that the row max, the sum of
+// exponentials and the log are vector operations across rows rather than horizontal reductions and a scalar
+// log per row. Same formulas as the row-by-row loop below (logp = (x - hi) - lo, with hi = the row max and
+// lo = log of the sum in forward); returns the first row of the last, partial block, which it leaves to that
+// loop.
+constexpr int64_t kLanesMaxC = 16;
+
+template <typename T>
+FASTMNIST_INLINE int64_t cross_entropy_lanes(const CERows<T>& p, int64_t r0, int64_t r1) {
+  constexpr int W = kWidth<T>;
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  const int64_t C = p.C;
+  const T uniform = p.eps / T(C);
+  const Vec<T> zero = cpu::broadcast<T>(T(0));
+  const bool smooth_loss = p.loss != nullptr && p.eps != T(0);
+  Vec<T> xt[kLanesMaxC];  // xt[c][i] = x[r + i, c]; the gradient overwrites it
+  int64_t r = r0;
+  for (; r + W <= r1; r += W) {
+    const T* x = p.x + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int i = 0; i < W; ++i) xt[c][i] = x[i * C + c];
+    }
+    Vec<T> hi, lo;
+    if (p.lse_in) {
+      for (int i = 0; i < W; ++i) {
+        const double lse = p.lse[r + i];
+        hi[i] = T(lse);
+        lo[i] = std::isfinite(hi[i]) ? T(lse - double(hi[i])) : T(0);
+      }
+    } else {
+      Vec<T> m = xt[0];
+      for (int64_t c = 1; c < C; ++c) m = cpu::vmax<T>(m, xt[c]);
+      const Vec<T> sh = m == ninf ? zero : m;  // an all -inf row: exp(-inf - 0) = 0, lse = -inf
+      Vec<T> sum = cpu::vexp0<T>(xt[0] - sh);
+      for (int64_t c = 1; c < C; ++c) sum += cpu::vexp0<T>(xt[c] - sh);
+      hi = m;
+      lo = cpu::vlog_ge1<T>(sum);
+      for (int i = 0; i < W; ++i) p.lse[r + i] = double(hi[i]) + double(lo[i]);
+    }
+    // per row (lane): the target's one-hot part of t, the smoothing part cu (t_c = cu w_c), and the gradient's
+    // factors a = s sum(t) and su = s cu, hot = s t_y's one-hot part (s = grad_output)
+    Vec<T> onehot, cu, a, su, hot, logp_y;
+    IntVec<T> y_lane, kept;
+    for (int i = 0; i < W; ++i) {
+      const int64_t y = p.y[r + i];
+      const bool ignored = y == p.ignore_index;
+      const T s = p.gscale != nullptr ? p.gscale[(r + i) * p.gscale_stride] * p.gmul : T(0);
+      const T wy = ignored ? T(0) : (p.w != nullptr ? p.w[y] : T(1));
+      onehot[i] = ignored ? T(0) : (T(1) - p.eps) * wy;
+      cu[i] = ignored ? T(0) : uniform;
+      a[i] = ignored ? T(0) : s * (onehot[i] + cu[i] * p.w_sum);
+      su[i] = ignored ? T(0) : s * cu[i];  // no 0 * inf: s is infinite for an all-ignored mean
+      hot[i] = ignored ? T(0) : s * onehot[i];
+      logp_y[i] = ignored ? T(0) : (x[i * C + y] - hi[i]) - lo[i];
+      y_lane[i] = ignored ? I(-1) : I(y);
+      kept[i] = ignored ? I(0) : I(-1);
+    }
+    if (p.loss != nullptr) {
+      Vec<T> loss = -onehot * logp_y;
+      if (smooth_loss) {
+        Vec<T> acc = zero;
+        for (int64_t c = 0; c < C; ++c) acc += (p.w != nullptr ? p.w[c] : T(1)) * ((xt[c] - hi) - lo);
+        loss = cpu::select<T>(kept, loss - uniform * acc, zero);
+      }
+      for (int i = 0; i < W; ++i) p.loss[r + i] = loss[i];
+    }
+    if (p.grad != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec<T> g = cpu::vexp0<T>((xt[c] - hi) - lo) * a - (p.w != nullptr ? p.w[c] : T(1)) * su;
+        xt[c] = y_lane == I(c) ? g - hot : g;
+      }
+      T* g = p.grad + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int i = 0; i < W; ++i) g[i * C + c] = xt[c][i];
+      }
+    }
+  }
+  return r;
+}
+
 // Loss and/or gradient for rows [r0, r1); see CERows.
 template <typename T>
 struct CrossEntropyRows {
@@ -135,7 +198,8 @@ struct CrossEntropyRows {
     const T uniform = p.eps / T(C);
     const Vec<T> zero = cpu::broadcast<T>(T(0));
     const IntVec<T> tail = cpu::lane_mask<T>(C % kWidth<T>);
-    for (int64_t r = r0; r < r1; ++r) {
+    const int64_t first = C <= kLanesMaxC && p.y != nullptr ? cross_entropy_lanes<T>(p, r0, r1) : r0;
+    for (int64_t r = first; r < r1; ++r) {
       // A row's tail vector may read and write back (unchanged) elements past the row's end when they all lie
       // in the rows after it that this call handles later: (r1 - r - 1) * C of them, at least W - C % W needed.
       const bool over = (r1 - r - 1) * C >= kWidth<T> - C % kWidth<T>;
@@ -209,6 +273,29 @@ struct CrossEntropyRows {
   }
 };
 
+// Rows per parallel task: about 4k logits (10-20 us of work; 1024 rows of 10 classes make two tasks).
+int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
+}
+
+}  // namespace
+
+namespace cpu {
+
+template <typename T>
+void cross_entropy_rows(const CERows<T>& p, int64_t rows) {
+  at::parallel_for(0, rows, row_grain(p.C), [&](int64_t r0, int64_t r1) {
+    run_kernel<CrossEntropyRows<T>>(p, r0, r1);
+  });
+}
+
+template void cross_entropy_rows<float>(const CERows<float>&, int64_t);
+template void cross_entropy_rows<double>(const CERows<double>&, int64_t);
+
+}  // namespace cpu
+
+namespace {
+
 // Checks the class-index targets (before any row is read) and returns the mean's divisor: the summed class
 // weights of the kept targets, or their count.
 template <typename T>
@@ -254,17 +341,7 @@ CERows<T> make_rows(const SoftmaxCEArgs& n, int64_t ignore_index, double label_s
   return p;
 }
 
-// Rows per parallel task: about 16k logits.
-int64_t row_grain(int64_t C) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-}
 
-template <typename T>
-void run_rows(const CERows<T>& p, int64_t rows) {
-  at::parallel_for(0, rows, row_grain(p.C), [&](int64_t r0, int64_t r1) {
-    cpu::run_kernel<CrossEntropyRows<T>>(p, r0, r1);
-  });
-}
 
 // The mean's divisor: summed weights of the kept index targets, or the number of rows for probabilities.
 template <typename T>
@@ -298,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cpu(const at::Tensor& l
     const double divisor = mean_divisor<scalar_t>(op, p, n.rows);  // also checks the targets
     p.lse = lse.mutable_data_ptr<double>();
     p.loss = loss_rows.mutable_data_ptr<scalar_t>();
-    run_rows<scalar_t>(p, n.rows);
+    cpu::cross_entropy_rows<scalar_t>(p, n.rows);
     loss = reduce_loss<scalar_t>(loss_rows, reduction, divisor);
   });
   return {loss, lse};
@@ -328,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cpu(
     p.gscale = g.const_data_ptr<scalar_t>();
     p.gscale_stride = reduction == kNone ? 1 : 0;
     p.gmul = reduction == kMean ? scalar_t(1.0 / divisor) : scalar_t(1);
-    run_rows<scalar_t>(p, n.rows);
+    cpu::cross_entropy_rows<scalar_t>(p, n.rows);
   });
   return {grad, grad_q};
 }
@@ -362,7 +439,7 @@ void linear_ce_chunks(const LinearCEArgs& a, CERows<T> p, bool grads, at::Tensor
     if (c.loss != nullptr) c.loss += r0;
     if (grads) c.grad = logits.mutable_data_ptr<T>();
     if (grads) c.gscale += r0 * c.gscale_stride;
-    run_rows<T>(c, nrows);
+    cpu::cross_entropy_rows<T>(c, nrows);
     if (!grads) continue;
     if (mask[0]) {
       at::Tensor gx = grad_x.narrow(0, n0, len);

@@ -30,6 +30,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "cpu/cross_entropy.h"
 #include "cpu/linear_act.h"
 #include "cpu/optimizer_update.h"
 
@@ -81,6 +82,7 @@ struct Workspace {
   std::vector<at::Tensor> row_stats;    // layer norm: (2, rows) mean and 1/std; else undefined
   std::vector<at::Tensor> saved;        // conv_act_pool: the activation output its backward needs
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
+  at::Tensor loss_rows, lse;            // cross-entropy: per-row loss and log-sum-exp
 };
 
 // Elements per task in the optimizer updates. A parallel region costs microseconds on a quiet machine and
@@ -161,7 +163,7 @@ class FusedStep : public torch::CustomClassHolder {
     const at::Tensor& out = ws.outputs.back();
     TORCH_CHECK(out.dim() == 2, "fused_step: the model must end in (N, classes) logits, got ", out.sizes());
     logits_ = out;
-    const double loss = loss_and_grad(out, target, ws.grads.back());
+    const double loss = loss_and_grad(out, target, ws.grads.back(), ws);
     backward(input, lr, ws);
     fresh_momentum_ = false;
     // parameters and optimizer state changed in place: bump their version counters as an in-place op would
@@ -229,6 +231,8 @@ class FusedStep : public torch::CustomClassHolder {
       a = out;
     }
     for (const at::Tensor& p : params_) ws.param_grads.push_back(at::empty_like(p));
+    ws.loss_rows = at::empty({rows}, options);
+    ws.lse = at::empty({rows}, options.dtype(at::kDouble));
     return workspaces_.emplace(x.sizes().vec(), std::move(ws)).first->second;
   }
 
@@ -285,7 +289,7 @@ class FusedStep : public torch::CustomClassHolder {
   }
 
   // Loss value (mean reduction) and its gradient w.r.t. the logits z (rows, classes), written into grad.
-  double loss_and_grad(const at::Tensor& z, const at::Tensor& target, at::Tensor& grad) {
+  double loss_and_grad(const at::Tensor& z, const at::Tensor& target, at::Tensor& grad, Workspace& ws) {
     const int64_t rows = z.size(0), classes = z.size(1);
     double total = 0;
     if (loss_ == LossKind::CrossEntropy) {
@@ -301,28 +305,22 @@ class FusedStep : public torch::CustomClassHolder {
                     " classes");
         ++kept;
       }
+      // the loss ops' row kernel; the mean over kept rows is 0/0 = NaN for an all-ignored batch, as eager
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_step_cross_entropy", [&] {
-        const scalar_t* zp = z.const_data_ptr<scalar_t>();
-        scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
-        // mean over kept rows; 0/0 = NaN for an all-ignored batch, as eager
-        const scalar_t scale = scalar_t(1) / static_cast<scalar_t>(kept);
-        for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* row = zp + r * classes;
-          scalar_t* g = gp + r * classes;
-          if (tp[r] == kIgnoreIndex) {
-            std::fill(g, g + classes, scalar_t(0));
-            continue;
-          }
-          // log-sum-exp around the row max: every exp(z - max) <= 1, so no overflow
-          scalar_t mx = row[0];
-          for (int64_t c = 1; c < classes; ++c) mx = std::max(mx, row[c]);
-          scalar_t sum = 0;
-          for (int64_t c = 0; c < classes; ++c) sum += std::exp(row[c] - mx);
-          const scalar_t lse = mx + std::log(sum);
-          total += static_cast<double>(lse - row[tp[r]]);
-          for (int64_t c = 0; c < classes; ++c) g[c] = std::exp(row[c] - lse) * scale;
-          g[tp[r]] -= scale;
-        }
+        const scalar_t one = 1;
+        cpu::CERows<scalar_t> p{};
+        p.x = z.const_data_ptr<scalar_t>();
+        p.C = classes;
+        p.y = tp;
+        p.ignore_index = kIgnoreIndex;
+        p.w_sum = scalar_t(classes);
+        p.lse = ws.lse.mutable_data_ptr<double>();
+        p.loss = ws.loss_rows.mutable_data_ptr<scalar_t>();
+        p.grad = grad.mutable_data_ptr<scalar_t>();
+        p.gscale = &one;
+        p.gmul = scalar_t(1) / static_cast<scalar_t>(kept);
+        cpu::cross_entropy_rows<scalar_t>(p, rows);
+        for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(p.loss[r]);
         total /= static_cast<double>(kept);
       });
       return total;

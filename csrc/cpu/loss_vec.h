@@ -85,6 +85,28 @@ FASTMNIST_INLINE Vec<T> vlog1p_unit(Vec<T> u) {
   return T(2) * f * p;
 }
 
+// log(s) for s >= 1 (or 0, or NaN): s = 2^e f with f in [1, 2), log(s) = e ln2 + log1p(f - 1). log(0) = -inf
+// and NaN stays NaN, as std::log.
+template <typename T>
+FASTMNIST_INLINE Vec<T> vlog_ge1(Vec<T> s) {
+  constexpr bool is_float = sizeof(T) == 4;
+  using I = std::conditional_t<is_float, int32_t, int64_t>;
+  constexpr int mantissa = is_float ? 23 : 52;
+  constexpr I bias = is_float ? 127 : 1023;
+  constexpr I mantissa_bits = (I(1) << mantissa) - 1;
+  constexpr T ln2_hi = is_float ? T(0.693359375) : T(0.693147180369123816490);
+  constexpr T ln2_lo = is_float ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
+  IntVec<T> bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  const Vec<T> e = __builtin_convertvector((bits >> mantissa) - bias, Vec<T>);
+  bits = (bits & mantissa_bits) | (bias << mantissa);
+  Vec<T> f;
+  std::memcpy(&f, &bits, sizeof(f));
+  const Vec<T> out = e * ln2_hi + (e * ln2_lo + vlog1p_unit<T>(f - T(1)));
+  const Vec<T> zero_case = s == T(0) ? broadcast<T>(-std::numeric_limits<T>::infinity()) : out;
+  return s == s ? zero_case : s;
+}
+
 // softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|), finite for every finite z.
 template <typename T>
 FASTMNIST_INLINE Vec<T> vsoftplus(Vec<T> z) {

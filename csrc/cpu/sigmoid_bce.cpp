@@ -6,6 +6,9 @@
 // Logits and targets come as (rows, C) row-major; weight and pos_weight as (C,) (broadcast over the rows) or
 // (rows, C). Forward is one pass (the reduced losses sum per row, then the rows in order: deterministic);
 // nothing is saved for backward but the inputs, and backward is one pass that writes each gradient once.
+// Without a per-class (C,) weight or pos_weight the loss is elementwise, and the kernel sees the data as rows of
+// kFlatRow elements instead (the last one shorter): a short row (10 classes) would otherwise end in a partial
+// vector every few elements.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +23,8 @@ namespace {
 using cpu::kWidth;
 using cpu::Vec;
 
+constexpr int64_t kFlatRow = 256;
+
 template <typename T>
 struct BCERows {
   const T* x;
@@ -28,7 +33,8 @@ struct BCERows {
   int64_t w_ld;    // 0: (C,) per class, C: (rows, C)
   const T* pw;     // pos_weight, or null
   int64_t pw_ld;
-  int64_t C;
+  int64_t C;       // row length
+  int64_t total;   // elements in all rows: the last row may be shorter than C
   T* loss;         // (rows, C) elementwise loss (reduction none), or null
   double* row_sum; // (rows,) per-row loss sums, or null
   const T* g;      // grad_loss: (rows, C) when g_ld == C, else a scalar (g_ld == 0)
@@ -49,9 +55,10 @@ struct SigmoidBCERows {
       const T* y = p.y + r * C;
       const T* w = p.w != nullptr ? p.w + r * p.w_ld : nullptr;
       const T* pw = p.pw != nullptr ? p.pw + r * p.pw_ld : nullptr;
+      const int64_t len = std::min<int64_t>(C, p.total - r * C);
       Vec<T> acc = cpu::broadcast<T>(T(0));
-      for (int64_t j = 0; j < C; j += W) {
-        const int64_t n = std::min<int64_t>(W, C - j);
+      for (int64_t j = 0; j < len; j += W) {
+        const int64_t n = std::min<int64_t>(W, len - j);
         const Vec<T> xv = cpu::load_n<T>(x + j, n, T(0));
         const Vec<T> yv = cpu::load_n<T>(y + j, n, T(0));
         const Vec<T> wv = w != nullptr ? cpu::load_n<T>(w + j, n, T(0)) : cpu::broadcast<T>(T(1));
@@ -78,22 +85,27 @@ struct SigmoidBCERows {
   }
 };
 
+// The kernel's rows: the caller's (rows, C), or flat rows of kFlatRow elements when nothing is per class.
 template <typename T>
-BCERows<T> make_bce_rows(const SigmoidBCEArgs& a) {
+BCERows<T> make_bce_rows(const SigmoidBCEArgs& a, int64_t* rows) {
+  const bool flat = (!a.w.defined() || a.w_full) && (!a.pw.defined() || a.pw_full);
   BCERows<T> p{};
+  p.total = a.rows * a.C;
+  p.C = flat ? kFlatRow : a.C;
+  *rows = p.C == 0 ? a.rows : (p.total + p.C - 1) / p.C;
   p.x = a.x.const_data_ptr<T>();
   p.y = a.y.const_data_ptr<T>();
   p.w = a.w.defined() ? a.w.const_data_ptr<T>() : nullptr;
-  p.w_ld = a.w_full ? a.C : 0;
+  p.w_ld = a.w_full ? p.C : 0;
   p.pw = a.pw.defined() ? a.pw.const_data_ptr<T>() : nullptr;
-  p.pw_ld = a.pw_full ? a.C : 0;
-  p.C = a.C;
+  p.pw_ld = a.pw_full ? p.C : 0;
   return p;
 }
 
 template <typename T>
 void run_bce(const BCERows<T>& p, int64_t rows) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.C, 1));
+  // about 8k elements per task: each costs an exp and a division
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(p.C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     cpu::run_kernel<SigmoidBCERows<T>>(p, r0, r1);
   });
@@ -105,18 +117,19 @@ at::Tensor sigmoid_bce_cpu(const at::Tensor& logits, const at::Tensor& target, c
       check_sigmoid_bce_args("sigmoid_bce", check_float_tensor, logits, target, weight, pos_weight, reduction);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sigmoid_bce_cpu", [&] {
-    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a);
+    int64_t rows;
+    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a, &rows);
     if (reduction == kNone) {
       out = at::empty({a.rows, a.C}, logits.options());
       p.loss = out.mutable_data_ptr<scalar_t>();
-      run_bce<scalar_t>(p, a.rows);
+      run_bce<scalar_t>(p, rows);
       return;
     }
-    at::Tensor sums = at::empty({a.rows}, logits.options().dtype(at::kDouble));
+    at::Tensor sums = at::empty({rows}, logits.options().dtype(at::kDouble));
     p.row_sum = sums.mutable_data_ptr<double>();
-    run_bce<scalar_t>(p, a.rows);
+    run_bce<scalar_t>(p, rows);
     double total = 0;
-    for (int64_t r = 0; r < a.rows; ++r) total += p.row_sum[r];
+    for (int64_t r = 0; r < rows; ++r) total += p.row_sum[r];
     if (reduction == kMean) total /= double(a.rows * a.C);
     out = at::scalar_tensor(total, logits.options());
   });
@@ -138,13 +151,14 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_backward_cpu(const at::Tensor& gr
   if (!output_mask[0] && !output_mask[1]) return {grad_x, grad_y};
   const at::Tensor g = grad_loss.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sigmoid_bce_backward_cpu", [&] {
-    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a);
+    int64_t rows;
+    BCERows<scalar_t> p = make_bce_rows<scalar_t>(a, &rows);
     p.g = g.const_data_ptr<scalar_t>();
-    p.g_ld = reduction == kNone ? a.C : 0;
+    p.g_ld = reduction == kNone ? p.C : 0;
     p.gmul = reduction == kMean ? scalar_t(1.0 / double(a.rows * a.C)) : scalar_t(1);
     p.grad_x = output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_y = output_mask[1] ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
-    run_bce<scalar_t>(p, a.rows);
+    run_bce<scalar_t>(p, rows);
   });
   return {grad_x, grad_y};
 }

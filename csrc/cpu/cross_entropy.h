@@ -1,0 +1,34 @@
+// The softmax cross-entropy row kernel (cross_entropy.cpp), shared by the loss ops and the fused training step.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmnist::cpu {
+
+// What one call of the row kernel reads and writes; cross_entropy.cpp's header gives the formulas. Pointers
+// that are not needed are null.
+template <typename T>
+struct CERows {
+  const T* x;          // (rows, C) logits
+  int64_t C;
+  const int64_t* y;    // class-index targets (rows,), or null
+  const T* q;          // probability targets (rows, C), or null
+  const T* w;          // class weights (C,) padded with zeros to a whole vector, or null
+  int64_t ignore_index;
+  T eps;               // label smoothing
+  T w_sum;             // sum of the class weights (C without weights)
+  double* lse;         // per-row log-sum-exp: written, or read when lse_in
+  bool lse_in;
+  T* loss;             // per-row loss
+  T* grad;             // (rows, C) logit gradient; may alias x
+  const T* gscale;     // grad_output per row (stride gscale_stride; 0 for a scalar), times gmul
+  int64_t gscale_stride;
+  T gmul;
+  T* grad_q;           // gradient of the probability targets
+};
+
+// Loss and/or gradient of rows [0, rows), in parallel.
+template <typename T>
+void cross_entropy_rows(const CERows<T>& p, int64_t rows);
+
+}  // namespace fastmnist::cpu
