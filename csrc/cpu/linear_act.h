@@ -18,4 +18,7 @@ void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Ten
 void linear_act_grad_pre_into(at::Tensor& gz, at::Tensor& grad_bias, const at::Tensor& g, const at::Tensor& y,
                               Activation act, double negative_slope);
 
+// grad_w (n, k) = gz (m, n)^T @ x2d (m, k); all contiguous, same dtype.
+void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d);
+
 }  // namespace fastmnist
