@@ -156,7 +156,7 @@ FASTMNIST_INLINE int64_t cross_entropy_lanes(const CERows<T>& p, int64_t r0, int
       kept[i] = ignored ? I(0) : I(-1);
     }
     if (p.loss != nullptr) {
-      Vec<T> loss = -onehot * logp_y;
+      Vec<T> loss = zero - onehot * logp_y;  // +0, not -0, for an ignored row
       if (smooth_loss) {
         Vec<T> acc = zero;
         for (int64_t c = 0; c < C; ++c) acc += (p.w != nullptr ? p.w[c] : T(1)) * ((xt[c] - hi) - lo);
