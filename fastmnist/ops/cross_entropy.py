@@ -128,6 +128,18 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, *, weig
     Memory: the logits are computed and consumed in chunks of about 4 MiB; eager keeps the (N, C) logits and
     their log-softmax (2 N C floats) for backward.
     """
+    # Fast path for the common call, as in softmax_cross_entropy: (N, in) input, (C, in) weight, (C,) or no bias,
+    # (N,) int64 targets, no class weights or smoothing. It checks what the general path checks.
+    if (weight is None and ignore_index is None and label_smoothing == 0.0 and isinstance(reduction, str)
+            and reduction in REDUCTIONS and _lib.LOADED and input.dim() == 2 and linear_weight.dim() == 2
+            and target.dim() == 1 and target.dtype == torch.int64 and target.shape[0] == input.shape[0]
+            and input.shape[1] == linear_weight.shape[1] and not isinstance(label_smoothing, bool)
+            and (linear_bias is None or tuple(linear_bias.shape) == (linear_weight.shape[0],))):
+        grad = torch.is_grad_enabled()
+        mask = [grad and input.requires_grad, grad and linear_weight.requires_grad,
+                grad and linear_bias is not None and linear_bias.requires_grad]
+        return call_op("linear_cross_entropy", input, linear_weight, linear_bias, target, None,
+                       linear_weight.shape[0], -100, REDUCTIONS[reduction], 0.0, mask)[0]
     op = "linear_cross_entropy"
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
