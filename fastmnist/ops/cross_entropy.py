@@ -30,6 +30,17 @@ def check_label_smoothing(label_smoothing):
     return label_smoothing
 
 
+def _plain_reduction_code(weight, reduction, label_smoothing, target, rows):
+    """The fast paths' shared test: the reduction's code when the call uses only the common options (no class
+    weights, no label smoothing, a known reduction name) with (rows,) int64 class-index targets and the extension
+    loaded; else None, and the caller takes its general path, which checks everything."""
+    if (weight is None and label_smoothing == 0.0 and not isinstance(label_smoothing, bool)
+            and isinstance(reduction, str) and _lib.LOADED and target.dim() == 1 and target.dtype == torch.int64
+            and target.shape[0] == rows):
+        return REDUCTIONS.get(reduction)
+    return None
+
+
 def _check_not_differentiable(op, name, tensor):
     if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
@@ -90,10 +101,9 @@ def softmax_cross_entropy(logits, target, weight=None, ignore_index=-100, reduct
     """
     # Fast path for the common call (the loss runs once per step on tiny tensors, where Python checks show):
     # (N, C) logits, (N,) int64 targets, no class weights or smoothing. It checks what the general path checks.
-    if (weight is None and label_smoothing == 0.0 and isinstance(reduction, str) and reduction in REDUCTIONS
-            and _lib.LOADED and logits.dim() == 2 and target.dim() == 1 and target.dtype == torch.int64
-            and target.shape[0] == logits.shape[0] and not isinstance(label_smoothing, bool)):
-        code = REDUCTIONS[reduction]
+    code = _plain_reduction_code(weight, reduction, label_smoothing, target, logits.shape[0]) \
+        if logits.dim() == 2 else None
+    if code is not None:
         return call_op("softmax_cross_entropy", logits, target, None, ignore_index, code, 0.0)[0]
     return _softmax_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing)
 
@@ -130,16 +140,17 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, *, weig
     """
     # Fast path for the common call, as in softmax_cross_entropy: (N, in) input, (C, in) weight, (C,) or no bias,
     # (N,) int64 targets, no class weights or smoothing. It checks what the general path checks.
-    if (weight is None and ignore_index is None and label_smoothing == 0.0 and isinstance(reduction, str)
-            and reduction in REDUCTIONS and _lib.LOADED and input.dim() == 2 and linear_weight.dim() == 2
-            and target.dim() == 1 and target.dtype == torch.int64 and target.shape[0] == input.shape[0]
-            and input.shape[1] == linear_weight.shape[1] and not isinstance(label_smoothing, bool)
+    code = None
+    if (ignore_index is None and input.dim() == 2 and linear_weight.dim() == 2
+            and input.shape[1] == linear_weight.shape[1]
             and (linear_bias is None or tuple(linear_bias.shape) == (linear_weight.shape[0],))):
+        code = _plain_reduction_code(weight, reduction, label_smoothing, target, input.shape[0])
+    if code is not None:
         grad = torch.is_grad_enabled()
         mask = [grad and input.requires_grad, grad and linear_weight.requires_grad,
                 grad and linear_bias is not None and linear_bias.requires_grad]
         return call_op("linear_cross_entropy", input, linear_weight, linear_bias, target, None,
-                       linear_weight.shape[0], -100, REDUCTIONS[reduction], 0.0, mask)[0]
+                       linear_weight.shape[0], -100, code, 0.0, mask)[0]
     op = "linear_cross_entropy"
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
