@@ -13,36 +13,12 @@
 
 namespace fastmnist::cpu {
 
-// exp(x) = 2^n exp(r), x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial (degree 7 for float, 12
-// for double, as simd.h's vexp) in Horner form with the coefficients 1/k! precomputed: one multiply-add per
-// degree. Unlike vexp, exp(x) = 0 below the underflow limit (exp(-inf) = 0) and NaN gives NaN: softmax rows
-// with -inf logits and all-(-inf) rows then give eager's results.
+// exp(x) that is exact at the edges the losses meet: 0 below the underflow limit (exp(-inf) = 0, where vexp
+// saturates), and NaN in gives NaN out. Softmax rows with -inf logits and all-(-inf) rows then give eager's
+// results.
 template <typename T>
 FASTMNIST_INLINE Vec<T> vexp0(Vec<T> x) {
-  constexpr bool is_float = sizeof(T) == 4;
-  constexpr T hi = is_float ? T(88.0) : T(709.0);
-  constexpr T lo = is_float ? T(-87.0) : T(-708.0);
-  constexpr T log2e = T(1.44269504088896341);
-  constexpr T ln2_hi = is_float ? T(0.693359375) : T(0.693147180369123816490);
-  constexpr T ln2_lo = is_float ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
-  constexpr T magic = is_float ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa: rounds
-  constexpr int degree = is_float ? 7 : 12;
-  const Vec<T> xc = vmin<T>(vmax<T>(x, broadcast<T>(lo)), broadcast<T>(hi));
-  const Vec<T> n = (xc * log2e + magic) - magic;
-  const Vec<T> r = xc - n * ln2_hi - n * ln2_lo;
-  T c[degree + 1];
-  c[0] = T(1);
-  for (int k = 1; k <= degree; ++k) c[k] = c[k - 1] / T(k);
-  Vec<T> p = broadcast<T>(c[degree]);
-  for (int k = degree - 1; k >= 0; --k) p = p * r + c[k];
-  using I = std::conditional_t<is_float, int32_t, int64_t>;
-  constexpr int mantissa = is_float ? 23 : 52;
-  constexpr I bias = is_float ? 127 : 1023;
-  const IntVec<T> e = (__builtin_convertvector(n, IntVec<T>) + bias) << mantissa;
-  Vec<T> scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  Vec<T> out = p * scale;
-  out = x < lo ? broadcast<T>(T(0)) : out;
+  const Vec<T> out = x < ExpRange<T>::lo ? broadcast<T>(T(0)) : vexp<T>(x);
   return x == x ? out : x;
 }
 

@@ -81,32 +81,38 @@ FASTMNIST_INLINE Vec<T> vsqrt(Vec<T> v) {
   return v;
 }
 
+// The range where exp(x) is a finite normal number: vexp clamps its input to it.
+template <typename T>
+struct ExpRange {
+  static constexpr T lo = sizeof(T) == 4 ? T(-87.0) : T(-708.0);
+  static constexpr T hi = sizeof(T) == 4 ? T(88.0) : T(709.0);
+};
+
 // exp(x) for every lane: x = n*ln2 + r with |r| <= ln2/2, exp(r) by its Taylor polynomial (degree 7 for
-// float, 12 for double: truncation below half an ulp), then scaled by 2^n through the exponent bits.
-// Inputs are clamped to the finite range first, so the result saturates (to ~0 or ~max) instead of
-// producing garbage; callers only use it where saturation is the right limit (sigmoid, tanh, softmax).
+// float, 12 for double: truncation below half an ulp) in Horner form with the coefficients 1/k! precomputed,
+// then scaled by 2^n through the exponent bits.
+// Inputs are clamped to ExpRange first, so the result saturates (to ~0 or ~max) instead of producing garbage;
+// callers use it where saturation is the right limit (sigmoid, tanh), or patch the edges (loss_vec.h's vexp0).
 template <typename T>
 FASTMNIST_INLINE Vec<T> vexp(Vec<T> x) {
   constexpr bool is_float = sizeof(T) == 4;
-  constexpr T hi = is_float ? T(88.0) : T(709.0);
-  constexpr T lo = is_float ? T(-87.0) : T(-708.0);
   constexpr T log2e = T(1.44269504088896341);
   constexpr T ln2_hi = is_float ? T(0.693359375) : T(0.693147180369123816490);
   constexpr T ln2_lo = is_float ? T(-2.12194440e-4) : T(1.90821492927058770002e-10);
-  x = vmin<T>(vmax<T>(x, broadcast<T>(lo)), broadcast<T>(hi));
-  Vec<T> n = x * log2e;
-  // round to nearest: add and subtract 1.5 * 2^mantissa_bits
-  constexpr T magic = is_float ? T(12582912.0) : T(6755399441055744.0);
-  n = (n + magic) - magic;
-  Vec<T> r = x - n * ln2_hi - n * ln2_lo;
+  constexpr T magic = is_float ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^mantissa: rounds
   constexpr int degree = is_float ? 7 : 12;
-  Vec<T> p = broadcast<T>(T(1));
-  // Horner on 1 + r(1 + r/2(1 + r/3(...)))
-  for (int k = degree; k >= 1; --k) p = p * (r * (T(1) / T(k))) + T(1);
+  x = vmin<T>(vmax<T>(x, broadcast<T>(ExpRange<T>::lo)), broadcast<T>(ExpRange<T>::hi));
+  const Vec<T> n = (x * log2e + magic) - magic;
+  const Vec<T> r = x - n * ln2_hi - n * ln2_lo;
+  T c[degree + 1];
+  c[0] = T(1);
+  for (int k = 1; k <= degree; ++k) c[k] = c[k - 1] / T(k);
+  Vec<T> p = broadcast<T>(c[degree]);
+  for (int k = degree - 1; k >= 0; --k) p = p * r + c[k];
   using I = std::conditional_t<is_float, int32_t, int64_t>;
   constexpr int mantissa = is_float ? 23 : 52;
   constexpr I bias = is_float ? 127 : 1023;
-  IntVec<T> e = (__builtin_convertvector(n, IntVec<T>) + bias) << mantissa;
+  const IntVec<T> e = (__builtin_convertvector(n, IntVec<T>) + bias) << mantissa;
   Vec<T> scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
