@@ -102,6 +102,23 @@ def test_extreme_logits(dtype):
     check_against_eager(x, torch.round(t), dict(reduction="none"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_gradient_in_the_tails(dtype):
+    # sigmoid(x) - t where sigmoid(x) is tiny (relative accuracy, no 1 - 1 cancellation), 1, or exactly 0 / 1
+    # at -inf / +inf; only the logits need a gradient, as in training
+    x = torch.tensor([[-float("inf"), float("inf"), -1e4, 1e4, -80.0, -30.0, -15.0, 15.0, 30.0, 0.0]], dtype=dtype)
+    t = torch.zeros_like(x)
+    for reduction in REDUCTIONS:
+        x1 = x.clone().requires_grad_()
+        x2 = x.clone().requires_grad_()
+        out = fastmnist.sigmoid_bce(x1, t, reduction=reduction)
+        ref = reference(x2, t, reduction=reduction)
+        grad = torch.ones_like(ref)
+        got, = torch.autograd.grad(out, x1, grad)
+        want, = torch.autograd.grad(ref, x2, grad)
+        assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+
+
 @pytest.mark.parametrize("path", ["portable", "avx2"])
 def test_cpu_paths(path):
     if path == "avx2":

@@ -11,7 +11,7 @@
 //             outputs are what backward needs (linear: the output gives the activation derivative; layer norm
 //             also keeps the per-row mean and 1/std; the LeNet block keeps its pre-pooling activation, and
 //             allocates its outputs per call, as its op does)
-//   loss      value and d loss / d logits in one pass over the logits
+//   loss      value and d loss / d logits, by the loss ops' own row kernels (cross-entropy, BCE)
 //   backward  from the last layer to the first: the gradient w.r.t. the layer input is computed (only when an
 //             earlier layer has parameters) BEFORE that layer's parameters are updated, then the parameter
 //             gradients and the optimizer update follow in one pass per parameter
@@ -33,6 +33,7 @@
 #include "cpu/cross_entropy.h"
 #include "cpu/linear_act.h"
 #include "cpu/optimizer_update.h"
+#include "cpu/sigmoid_bce.h"
 
 namespace fastmnist {
 namespace {
@@ -82,18 +83,13 @@ struct Workspace {
   std::vector<at::Tensor> row_stats;    // layer norm: (2, rows) mean and 1/std; else undefined
   std::vector<at::Tensor> saved;        // conv_act_pool: the activation output its backward needs
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
-  at::Tensor loss_rows, lse;            // cross-entropy: per-row loss and log-sum-exp
+  at::Tensor loss_rows, row_sums;       // per-row loss; cross-entropy's log-sum-exp or BCE's loss sums
 };
 
 // Elements per task in the optimizer updates. A parallel region costs microseconds on a quiet machine and
 // milliseconds when another process holds a core (a thread waits out a time slice), so only updates big
 // enough to pay for it (784x400 weights, not 784x200) are split across threads.
 constexpr int64_t kGrain = 1 << 18;
-
-template <typename T>
-T sigmoid(T z) {
-  return T(1) / (T(1) + std::exp(-z));
-}
 
 class FusedStep : public torch::CustomClassHolder {
  public:
@@ -232,7 +228,7 @@ class FusedStep : public torch::CustomClassHolder {
     }
     for (const at::Tensor& p : params_) ws.param_grads.push_back(at::empty_like(p));
     ws.loss_rows = at::empty({rows}, options);
-    ws.lse = at::empty({rows}, options.dtype(at::kDouble));
+    ws.row_sums = at::empty({rows}, options.dtype(at::kDouble));
     return workspaces_.emplace(x.sizes().vec(), std::move(ws)).first->second;
   }
 
@@ -314,7 +310,7 @@ class FusedStep : public torch::CustomClassHolder {
         p.y = tp;
         p.ignore_index = kIgnoreIndex;
         p.w_sum = scalar_t(classes);
-        p.lse = ws.lse.mutable_data_ptr<double>();
+        p.lse = ws.row_sums.mutable_data_ptr<double>();
         p.loss = ws.loss_rows.mutable_data_ptr<scalar_t>();
         p.grad = grad.mutable_data_ptr<scalar_t>();
         p.gscale = &one;
@@ -335,14 +331,26 @@ class FusedStep : public torch::CustomClassHolder {
       scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
       const int64_t n = z.numel();
       const scalar_t scale = scalar_t(1) / static_cast<scalar_t>(n);
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t s = sigmoid(zp[i]);
-        if (loss_ == LossKind::SigmoidBCE) {
-          // max(z, 0) - z t + log(1 + e^{-|z|}): no overflow for any z
-          total += static_cast<double>(std::max(zp[i], scalar_t(0)) - zp[i] * tp[i] +
-                                       std::log1p(std::exp(-std::abs(zp[i]))));
-          gp[i] = (s - tp[i]) * scale;
-        } else {
+      if (loss_ == LossKind::SigmoidBCE) {
+        // the loss ops' kernel: a forward pass for the per-row loss sums, a backward pass for the gradient
+        const scalar_t one = 1;
+        cpu::BCERows<scalar_t> p{};
+        p.x = zp;
+        p.y = tp;
+        p.C = classes;
+        p.total = n;
+        p.row_sum = ws.row_sums.mutable_data_ptr<double>();
+        cpu::sigmoid_bce_rows<scalar_t>(p, rows);
+        for (int64_t r = 0; r < rows; ++r) total += p.row_sum[r];
+        p.row_sum = nullptr;
+        p.g = &one;
+        p.gmul = scale;
+        p.grad_x = gp;
+        cpu::sigmoid_bce_rows<scalar_t>(p, rows);
+      } else {
+        // mean of (sigmoid(z) - t)^2, which only this step offers (the classifier model's MSE variant)
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t s = scalar_t(1) / (scalar_t(1) + std::exp(-zp[i]));
           const scalar_t diff = s - tp[i];
           total += static_cast<double>(diff * diff);
           gp[i] = scalar_t(2) * diff * s * (scalar_t(1) - s) * scale;

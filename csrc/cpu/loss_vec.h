@@ -22,6 +22,15 @@ FASTMNIST_INLINE Vec<T> vexp0(Vec<T> x) {
   return x == x ? out : x;
 }
 
+// sigmoid(x) with one exp and one division, accurate in relative terms in both tails: with e = exp(-|x|) in
+// (0, 1], sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0 (no 1 - tiny cancellation), and
+// exactly 0 or 1 at -inf and +inf, as vexp0's edges give.
+template <typename T>
+FASTMNIST_INLINE Vec<T> vsigmoid0(Vec<T> x) {
+  const Vec<T> e = vexp0<T>(x < T(0) ? x : -x);
+  return (x < T(0) ? e : broadcast<T>(T(1))) / (T(1) + e);
+}
+
 // Horizontal max and sum of the lanes, by halving shuffles.
 template <typename T>
 FASTMNIST_INLINE T hmax(Vec<T> v) {

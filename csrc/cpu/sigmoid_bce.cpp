@@ -15,34 +15,17 @@
 #include <torch/library.h>
 
 #include "cpu/loss_vec.h"
+#include "cpu/sigmoid_bce.h"
 #include "sigmoid_bce_args.h"
 
 namespace fastmnist {
 namespace {
 
+using cpu::BCERows;
 using cpu::kWidth;
 using cpu::Vec;
 
 constexpr int64_t kFlatRow = 256;
-
-template <typename T>
-struct BCERows {
-  const T* x;
-  const T* y;
-  const T* w;      // weight, or null
-  int64_t w_ld;    // 0: (C,) per class, C: (rows, C)
-  const T* pw;     // pos_weight, or null
-  int64_t pw_ld;
-  int64_t C;       // row length
-  int64_t total;   // elements in all rows: the last row may be shorter than C
-  T* loss;         // (rows, C) elementwise loss (reduction none), or null
-  double* row_sum; // (rows,) per-row loss sums, or null
-  const T* g;      // grad_loss: (rows, C) when g_ld == C, else a scalar (g_ld == 0)
-  int64_t g_ld;
-  T gmul;
-  T* grad_x;       // or null
-  T* grad_y;       // or null
-};
 
 template <typename T>
 struct SigmoidBCERows {
@@ -64,8 +47,8 @@ struct SigmoidBCERows {
         const Vec<T> wv = w != nullptr ? cpu::load_n<T>(w + j, n, T(0)) : cpu::broadcast<T>(T(1));
         const Vec<T> pwv = pw != nullptr ? cpu::load_n<T>(pw + j, n, T(1)) : cpu::broadcast<T>(T(1));
         const Vec<T> lw = T(1) + (pwv - T(1)) * yv;
-        const Vec<T> sp = cpu::vsoftplus<T>(-xv);  // softplus(-x) = -log sigmoid(x)
         if (forward) {
+          const Vec<T> sp = cpu::vsoftplus<T>(-xv);  // softplus(-x) = -log sigmoid(x)
           Vec<T> l = ((T(1) - yv) * xv + lw * sp) * wv;
           if (p.loss != nullptr) cpu::store_n<T>(p.loss + r * C + j, l, n);
           if (p.row_sum != nullptr) acc += n == W ? l : cpu::select<T>(cpu::lane_mask<T>(n), l, cpu::broadcast<T>(T(0)));
@@ -73,11 +56,11 @@ struct SigmoidBCERows {
           const Vec<T> s = (p.g_ld != 0 ? cpu::load_n<T>(p.g + r * C + j, n, T(0)) : cpu::broadcast<T>(p.g[0])) *
                            p.gmul * wv;
           if (p.grad_x != nullptr) {
-            // sigmoid(x) = exp(-softplus(-x)): one exp, and exact in the tails
-            const Vec<T> sig = cpu::vexp0<T>(-sp);
-            cpu::store_n<T>(p.grad_x + r * C + j, s * (lw * sig - pwv * yv), n);
+            cpu::store_n<T>(p.grad_x + r * C + j, s * (lw * cpu::vsigmoid0<T>(xv) - pwv * yv), n);
           }
-          if (p.grad_y != nullptr) cpu::store_n<T>(p.grad_y + r * C + j, s * ((pwv - T(1)) * sp - xv), n);
+          if (p.grad_y != nullptr) {
+            cpu::store_n<T>(p.grad_y + r * C + j, s * ((pwv - T(1)) * cpu::vsoftplus<T>(-xv) - xv), n);
+          }
         }
       }
       if (p.row_sum != nullptr) p.row_sum[r] = double(cpu::hsum<T>(acc));
@@ -102,14 +85,25 @@ BCERows<T> make_bce_rows(const SigmoidBCEArgs& a, int64_t* rows) {
   return p;
 }
 
+}  // namespace
+
+namespace cpu {
+
 template <typename T>
-void run_bce(const BCERows<T>& p, int64_t rows) {
-  // about 8k elements per task: each costs an exp and a division
+void sigmoid_bce_rows(const BCERows<T>& p, int64_t rows) {
+  // about 8k elements per task: each costs an exp and a division or two
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(p.C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    cpu::run_kernel<SigmoidBCERows<T>>(p, r0, r1);
+    run_kernel<SigmoidBCERows<T>>(p, r0, r1);
   });
 }
+
+template void sigmoid_bce_rows<float>(const BCERows<float>&, int64_t);
+template void sigmoid_bce_rows<double>(const BCERows<double>&, int64_t);
+
+}  // namespace cpu
+
+namespace {
 
 at::Tensor sigmoid_bce_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
@@ -122,12 +116,12 @@ at::Tensor sigmoid_bce_cpu(const at::Tensor& logits, const at::Tensor& target, c
     if (reduction == kNone) {
       out = at::empty({a.rows, a.C}, logits.options());
       p.loss = out.mutable_data_ptr<scalar_t>();
-      run_bce<scalar_t>(p, rows);
+      cpu::sigmoid_bce_rows<scalar_t>(p, rows);
       return;
     }
     at::Tensor sums = at::empty({rows}, logits.options().dtype(at::kDouble));
     p.row_sum = sums.mutable_data_ptr<double>();
-    run_bce<scalar_t>(p, rows);
+    cpu::sigmoid_bce_rows<scalar_t>(p, rows);
     double total = 0;
     for (int64_t r = 0; r < rows; ++r) total += p.row_sum[r];
     if (reduction == kMean) total /= double(a.rows * a.C);
@@ -158,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_bce_backward_cpu(const at::Tensor& gr
     p.gmul = reduction == kMean ? scalar_t(1.0 / double(a.rows * a.C)) : scalar_t(1);
     p.grad_x = output_mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     p.grad_y = output_mask[1] ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
-    run_bce<scalar_t>(p, rows);
+    cpu::sigmoid_bce_rows<scalar_t>(p, rows);
   });
   return {grad_x, grad_y};
 }
