@@ -292,12 +292,6 @@ void cross_entropy_rows(const CERows<T>& p, int64_t rows) {
 template void cross_entropy_rows<float>(const CERows<float>&, int64_t);
 template void cross_entropy_rows<double>(const CERows<double>&, int64_t);
 
-}  // namespace cpu
-
-namespace {
-
-// Checks the class-index targets (before any row is read) and returns the mean's divisor: the summed class
-// weights of the kept targets, or their count.
 template <typename T>
 double check_targets_and_weight_sum(const char* op, const int64_t* y, int64_t rows, int64_t C, const T* w,
                                     int64_t ignore_index) {
@@ -311,6 +305,15 @@ double check_targets_and_weight_sum(const char* op, const int64_t* y, int64_t ro
   }
   return total;
 }
+
+template double check_targets_and_weight_sum<float>(const char*, const int64_t*, int64_t, int64_t, const float*,
+                                                     int64_t);
+template double check_targets_and_weight_sum<double>(const char*, const int64_t*, int64_t, int64_t, const double*,
+                                                      int64_t);
+
+}  // namespace cpu
+
+namespace {
 
 // Class weights padded with zeros to a multiple of 8 elements: the kernels read them in whole vectors. Undefined
 // (no class weights) stays undefined.
@@ -347,7 +350,7 @@ CERows<T> make_rows(const SoftmaxCEArgs& n, int64_t ignore_index, double label_s
 template <typename T>
 double mean_divisor(const char* op, const CERows<T>& p, int64_t rows) {
   if (p.y == nullptr) return double(rows);
-  return check_targets_and_weight_sum<T>(op, p.y, rows, p.C, p.w, p.ignore_index);
+  return cpu::check_targets_and_weight_sum<T>(op, p.y, rows, p.C, p.w, p.ignore_index);
 }
 
 template <typename T>

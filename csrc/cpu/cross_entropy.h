@@ -1,4 +1,5 @@
-// The softmax cross-entropy row kernel (cross_entropy.cpp), shared by the loss ops and the fused training step.
+// The softmax cross-entropy row kernel and target check (cross_entropy.cpp), shared by the loss ops and the fused
+// training step.
 #pragma once
 
 #include <cstdint>
@@ -30,5 +31,12 @@ struct CERows {
 // Loss and/or gradient of rows [0, rows), in parallel.
 template <typename T>
 void cross_entropy_rows(const CERows<T>& p, int64_t rows);
+
+// Checks the class-index targets y (rows,) before any row is read: each in [0, C) or equal to ignore_index, else
+// an IndexError naming the value. Returns the mean's divisor: the summed class weights w (or null: the count) of
+// the kept targets.
+template <typename T>
+double check_targets_and_weight_sum(const char* op, const int64_t* y, int64_t rows, int64_t C, const T* w,
+                                    int64_t ignore_index);
 
 }  // namespace fastmnist::cpu

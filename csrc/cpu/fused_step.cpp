@@ -294,15 +294,11 @@ class FusedStep : public torch::CustomClassHolder {
                   target.scalar_type(), " ", target.sizes());
       const at::Tensor t = target.contiguous();
       const int64_t* tp = t.const_data_ptr<int64_t>();
-      int64_t kept = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        if (tp[r] == kIgnoreIndex) continue;
-        TORCH_CHECK(tp[r] >= 0 && tp[r] < classes, "fused_step: target ", tp[r], " is out of bounds for ", classes,
-                    " classes");
-        ++kept;
-      }
-      // the loss ops' row kernel; the mean over kept rows is 0/0 = NaN for an all-ignored batch, as eager
+      // the loss ops' target check and row kernel; the mean over kept rows is 0/0 = NaN for an all-ignored
+      // batch, as eager
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_step_cross_entropy", [&] {
+        const double kept = cpu::check_targets_and_weight_sum<scalar_t>("fused_step", tp, rows, classes, nullptr,
+                                                                        kIgnoreIndex);
         const scalar_t one = 1;
         cpu::CERows<scalar_t> p{};
         p.x = z.const_data_ptr<scalar_t>();
@@ -317,7 +313,7 @@ class FusedStep : public torch::CustomClassHolder {
         p.gmul = scalar_t(1) / static_cast<scalar_t>(kept);
         cpu::cross_entropy_rows<scalar_t>(p, rows);
         for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(p.loss[r]);
-        total /= static_cast<double>(kept);
+        total /= kept;
       });
       return total;
     }
