@@ -1,5 +1,8 @@
-"""Shared test helpers: tolerances that travel with the dtype, and input makers."""
+"""Shared test helpers: tolerances that travel with the dtype, input makers, and the CPU-path switch."""
 
+import contextlib
+
+import pytest
 import torch
 
 # Tolerances against the eager reference. float32: the fused kernels reassociate sums and use their own
@@ -25,3 +28,17 @@ def noncontiguous(t):
     view = wide[..., ::2]
     view.copy_(t)
     return view
+
+
+@contextlib.contextmanager
+def cpu_path(path):
+    """Runs the block with the CPU kernels forced to `path` ("portable" or "avx2"; on a CPU without AVX2+FMA the
+    test is skipped), and puts "auto" back afterwards, whatever happens in the block."""
+    try:
+        torch.ops.fastmnist.set_cpu_path(path)
+    except RuntimeError:
+        pytest.skip(f"this CPU has no {path} path")
+    try:
+        yield
+    finally:
+        torch.ops.fastmnist.set_cpu_path("auto")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_close, noncontiguous
+from helpers import assert_close, cpu_path, noncontiguous
 from torch import nn
 
 import fastmnist
@@ -132,17 +132,9 @@ def test_no_grad_and_identity_save_nothing():
 
 @pytest.mark.parametrize("path", ["portable", "avx2"])
 def test_vectorised_and_portable_paths_agree(path):
-    if path == "avx2":
-        try:
-            torch.ops.fastmnist.set_cpu_path("avx2")
-        except RuntimeError:
-            pytest.skip("this CPU has no AVX2+FMA")
-        finally:
-            torch.ops.fastmnist.set_cpu_path("auto")
     results = {}
-    for p in ("portable", path):
-        torch.ops.fastmnist.set_cpu_path(p)
-        try:
+    for p in (path, "portable"):
+        with cpu_path(p):
             for dtype in (torch.float32, torch.float64):
                 for k, padding, shape in ((5, 2, (3, 2, 6, 17, 29)), (3, 1, (2, 3, 5, 10, 9))):
                     x, w, b = make_inputs(*shape[:3], *shape[3:], k, dtype, seed=k)
@@ -150,8 +142,6 @@ def test_vectorised_and_portable_paths_agree(path):
                     g = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
                     results.setdefault(p, []).append(outputs_and_grads(
                         lambda *a: fastmnist.conv_act_pool(*a, padding, "sigmoid"), x, w, b, g))
-        finally:
-            torch.ops.fastmnist.set_cpu_path("auto")
     for (out_a, grads_a), (out_b, grads_b) in zip(results["portable"], results[path]):
         assert_close(out_a, out_b)
         for ga, gb in zip(grads_a, grads_b):

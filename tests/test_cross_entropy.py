@@ -12,7 +12,7 @@ import fastmnist
 from fastmnist import _lib
 from fastmnist.reference import softmax_cross_entropy_reference as reference
 
-from helpers import assert_close, noncontiguous
+from helpers import assert_close, cpu_path, noncontiguous
 
 pytestmark = pytest.mark.skipif(not _lib.LOADED, reason="fastmnist extension not built")
 
@@ -115,21 +115,12 @@ def test_noncontiguous_logits_and_grad():
 
 @pytest.mark.parametrize("path", ["portable", "avx2"])
 def test_cpu_paths(path):
-    if path == "avx2":
-        try:
-            torch.ops.fastmnist.set_cpu_path("avx2")
-        except RuntimeError:
-            pytest.skip("no AVX2+FMA")
-    else:
-        torch.ops.fastmnist.set_cpu_path(path)
-    try:
+    with cpu_path(path):
         gen = torch.Generator().manual_seed(3)
         for shape in [(5, 3), (11, 10), (4, 41), (2, 200)]:
             for reduction, weighted, ignore, smoothing, prob in GRID[::3]:
                 logits, target, weight = make_inputs(shape, weighted, ignore, prob, torch.float32, gen)
                 check_against_eager(logits, target, options(reduction, ignore, smoothing, weight))
-    finally:
-        torch.ops.fastmnist.set_cpu_path("auto")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

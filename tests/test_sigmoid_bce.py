@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close, noncontiguous
+from helpers import assert_close, cpu_path, noncontiguous
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,20 +121,11 @@ def test_logit_gradient_in_the_tails(dtype):
 
 @pytest.mark.parametrize("path", ["portable", "avx2"])
 def test_cpu_paths(path):
-    if path == "avx2":
-        try:
-            torch.ops.fastmnist.set_cpu_path("avx2")
-        except RuntimeError:
-            pytest.skip("no AVX2+FMA")
-    else:
-        torch.ops.fastmnist.set_cpu_path(path)
-    try:
+    with cpu_path(path):
         gen = torch.Generator().manual_seed(5)
         for reduction, weight_kind, pos_kind in GRID[::4]:
             x, t, w, pw = make_inputs((5, 19), weight_kind, pos_kind, torch.float32, gen)
             check_against_eager(x, t, dict(weight=w, pos_weight=pw, reduction=reduction))
-    finally:
-        torch.ops.fastmnist.set_cpu_path("auto")
 
 
 def test_module_matches_nn():
