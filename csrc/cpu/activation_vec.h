@@ -7,11 +7,6 @@
 
 namespace fastmnist::cpu {
 
-template <typename T>
-FASTMNIST_INLINE T sigmoid_scalar(T z) {
-  return T(1) / (T(1) + std::exp(-z));
-}
-
 // sigmoid(z) = 1 / (1 + e^-z): e^-z saturates at large |z|, so the result tends to 0 or 1 without NaN.
 template <typename T>
 FASTMNIST_INLINE Vec<T> vsigmoid(Vec<T> z) {

@@ -346,10 +346,10 @@ class FusedStep : public torch::CustomClassHolder {
       } else {
         // mean of (sigmoid(z) - t)^2, which only this step offers (the classifier model's MSE variant)
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t s = scalar_t(1) / (scalar_t(1) + std::exp(-zp[i]));
+          const scalar_t s = activate<Activation::Sigmoid>(zp[i], scalar_t(0));
           const scalar_t diff = s - tp[i];
           total += static_cast<double>(diff * diff);
-          gp[i] = scalar_t(2) * diff * s * (scalar_t(1) - s) * scale;
+          gp[i] = scalar_t(2) * diff * activation_grad_from_output(Activation::Sigmoid, s, scalar_t(0)) * scale;
         }
       }
       total /= static_cast<double>(n);
