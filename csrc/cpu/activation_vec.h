@@ -7,28 +7,40 @@
 
 namespace fastmnist::cpu {
 
-// sigmoid(z) = 1 / (1 + e^-z): e^-z saturates at large |z|, so the result tends to 0 or 1 without NaN.
-template <typename T>
-FASTMNIST_INLINE Vec<T> vsigmoid(Vec<T> z) {
-  return T(1) / (T(1) + vexp<T>(-z));
-}
-
-// tanh(z) = sign(z) (1 - t) / (1 + t), t = e^{-2|z|} in (0, 1]: no overflow for any z.
-template <typename T>
-FASTMNIST_INLINE Vec<T> vtanh(Vec<T> z) {
-  Vec<T> a = z < T(0) ? -z : z;
-  Vec<T> t = vexp<T>(T(-2) * a);
-  Vec<T> m = (T(1) - t) / (T(1) + t);
-  return z < T(0) ? -m : m;
+// act(z) for every lane of U vectors, in place; sigmoid and tanh take their exps U vectors at a time
+// (simd.h's vexp_n), so kernels that have several vectors ready pass them together.
+//   sigmoid(z) = 1 / (1 + e^-z): e^-z saturates at large |z|, so the result tends to 0 or 1 without NaN.
+//   tanh(z) = sign(z) (1 - t) / (1 + t), t = e^{-2|z|} in (0, 1]: no overflow for any z.
+template <Activation A, typename T, int U>
+FASTMNIST_INLINE void vactivate_n(Vec<T> (&z)[U], T slope) {
+  if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
+    Vec<T> e[U];
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) e[u] = A == Activation::Sigmoid ? -z[u] : T(-2) * (z[u] < T(0) ? -z[u] : z[u]);
+    vexp_n<T, U>(e);
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      if constexpr (A == Activation::Sigmoid) {
+        z[u] = T(1) / (T(1) + e[u]);
+      } else {
+        const Vec<T> m = (T(1) - e[u]) / (T(1) + e[u]);
+        z[u] = z[u] < T(0) ? -m : m;
+      }
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      if constexpr (A == Activation::Relu) z[u] = z[u] > T(0) ? z[u] : broadcast<T>(T(0));
+      if constexpr (A == Activation::LeakyRelu) z[u] = z[u] > T(0) ? z[u] : z[u] * slope;
+    }
+  }
 }
 
 template <Activation A, typename T>
 FASTMNIST_INLINE Vec<T> vactivate(Vec<T> z, T slope) {
-  if constexpr (A == Activation::Identity) return z;
-  if constexpr (A == Activation::Relu) return z > T(0) ? z : broadcast<T>(T(0));
-  if constexpr (A == Activation::LeakyRelu) return z > T(0) ? z : z * slope;
-  if constexpr (A == Activation::Sigmoid) return vsigmoid<T>(z);
-  if constexpr (A == Activation::Tanh) return vtanh<T>(z);
+  Vec<T> v[1] = {z};
+  vactivate_n<A, T, 1>(v, slope);
+  return v[0];
 }
 
 // The scalar twin of vactivate, for loop tails; same formulas, so tails match the vector lanes.

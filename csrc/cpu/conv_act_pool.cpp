@@ -255,21 +255,22 @@ struct ConvActPoolForward {
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
           const Vec<T> b = splat<T>(bias != nullptr ? bias[o0 + o] : T(0));
-          Vec<T> y[2][kColVecs];
+          Vec<T> y[2 * kColVecs];  // y[r * kColVecs + v]: conv row r, column vector v
 #pragma GCC unroll 16
           for (int r = 0; r < 2; ++r)
 #pragma GCC unroll 16
-            for (int v = 0; v < kColVecs; ++v) y[r][v] = cpu::vactivate<A, T>(acc[r][o][v] + b, T(0));
+            for (int v = 0; v < kColVecs; ++v) y[r * kColVecs + v] = acc[r][o][v] + b;
+          cpu::vactivate_n<A, T, 2 * kColVecs>(y, T(0));
           if (act != nullptr) {
 #pragma GCC unroll 16
             for (int r = 0; r < 2; ++r) {
               T* arow = act + ((o0 + o) * 2 * g.ho + 2 * pi + r) * conv_w + col0;
 #pragma GCC unroll 16
               for (int v = 0; v < kColVecs; ++v)
-                store_first<T>(arow + v * W, y[r][v], std::clamp<int64_t>(ncols - v * W, 0, W));
+                store_first<T>(arow + v * W, y[r * kColVecs + v], std::clamp<int64_t>(ncols - v * W, 0, W));
             }
           }
-          const Vec<T> pooled = pair_sums<T>(y[0][0] + y[1][0], y[0][1] + y[1][1]) * T(0.25);
+          const Vec<T> pooled = pair_sums<T>(y[0] + y[kColVecs], y[1] + y[kColVecs + 1]) * T(0.25);
           store_first<T>(out + ((o0 + o) * g.ho + pi) * g.wo + tile * W, pooled, ncols / 2);
         }
       }
@@ -297,16 +298,21 @@ struct ConvActPoolForward {
       const int64_t ob = o0 + v * W, lanes = std::min<int64_t>(W, g.o - ob);
 #pragma GCC unroll 16
       for (int p = 0; p < PC; ++p) {
+        Vec<T> y[4];  // y[2 r + cc]: the window's conv row r, column cc
+#pragma GCC unroll 16
+        for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 16
+          for (int cc = 0; cc < 2; ++cc) y[2 * r + cc] = acc[r][2 * p + cc][v] + b;
+        cpu::vactivate_n<A, T, 4>(y, T(0));
         Vec<T> pooled{};
 #pragma GCC unroll 16
         for (int r = 0; r < 2; ++r)
 #pragma GCC unroll 16
           for (int cc = 0; cc < 2; ++cc) {
-            const Vec<T> y = cpu::vactivate<A, T>(acc[r][2 * p + cc][v] + b, T(0));
-            pooled += y;
+            pooled += y[2 * r + cc];
             if (act != nullptr) {
               T* a = act + (ob * 2 * g.ho + 2 * pi + r) * 2 * g.wo + 2 * (pj + p) + cc;
-              for (int64_t l = 0; l < lanes; ++l) a[l * 4 * g.ho * g.wo] = y[l];
+              for (int64_t l = 0; l < lanes; ++l) a[l * 4 * g.ho * g.wo] = y[2 * r + cc][l];
             }
           }
         pooled *= T(0.25);
