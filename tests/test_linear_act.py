@@ -62,8 +62,9 @@ def test_gradcheck_float64(activation, bias, shape_x):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# n_out = 45: the bias+activation pass's 4-vector step, single vectors and a scalar tail (float and double)
 @pytest.mark.parametrize("shape_x,n_out", [((1, 7), 3), ((13, 37), 11), ((6, 9), 17), ((33, 100), 10),
-                                           ((2, 3, 19), 5), ((40,), 16), ((1, 1), 1)])
+                                           ((2, 3, 19), 5), ((40,), 16), ((1, 1), 1), ((5, 11), 45)])
 def test_matches_eager(activation, dtype, shape_x, n_out):
     x, w, b = make_inputs(shape_x, n_out, dtype, seed=sum(shape_x) + n_out)
     check_against_eager(x, w, b, activation, negative_slope=0.05)
