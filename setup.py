@@ -101,7 +101,8 @@ def extensions():
     log(f"C++ flags: {' '.join(cxx_flags)}")
     write_build_info(with_cuda)
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "avx512", "*.cpp")))
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []
     if with_cuda:

@@ -32,8 +32,8 @@ def noncontiguous(t):
 
 @contextlib.contextmanager
 def cpu_path(path):
-    """Runs the block with the CPU kernels forced to `path` ("portable" or "avx2"; on a CPU without AVX2+FMA the
-    test is skipped), and puts "auto" back afterwards, whatever happens in the block."""
+    """Runs the block with the CPU kernels forced to `path` ("portable", "avx2" or "avx512"; on a CPU without that
+    path the test is skipped), and puts "auto" back afterwards, whatever happens in the block."""
     try:
         torch.ops.fastmnist.set_cpu_path(path)
     except RuntimeError:

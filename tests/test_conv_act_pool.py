@@ -130,7 +130,24 @@ def test_no_grad_and_identity_save_nothing():
         out.sum().backward()
 
 
-@pytest.mark.parametrize("path", ["portable", "avx2"])
+PATHS = ["portable", "avx2", "avx512"]
+
+
+# each compiled path against eager at LeNet's shapes (column path: 1->6; channel path: 6->16) and at shapes
+# with tails in every dimension, for every activation
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_path_against_eager(path, dtype):
+    cases = [(3, 1, 6, 28, 28, 5, 2), (2, 6, 16, 14, 14, 5, 0), (2, 3, 5, 11, 37, 5, 1), (1, 19, 21, 9, 8, 3, 0),
+             (2, 2, 3, 5, 6, 1, 3)]
+    with cpu_path(path):
+        for activation in ACTIVATIONS:
+            for i, (n, c_in, c_out, h, w, k, padding) in enumerate(cases):
+                x, wt, b = make_inputs(n, c_in, c_out, h, w, k, dtype, seed=i, x_grad=c_in > 1)
+                check_against_eager(x, wt, b, padding, activation, seed=i)
+
+
+@pytest.mark.parametrize("path", PATHS[1:])
 def test_vectorised_and_portable_paths_agree(path):
     results = {}
     for p in (path, "portable"):

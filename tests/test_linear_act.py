@@ -157,8 +157,23 @@ def test_avx2_and_portable_paths_agree():
 
 
 def test_set_cpu_path_rejects_unknown():
-    with pytest.raises(RuntimeError, match="expected 'auto', 'avx2' or 'portable'"):
+    with pytest.raises(RuntimeError, match="expected 'auto', 'avx512', 'avx2' or 'portable'"):
         torch.ops.fastmnist.set_cpu_path("sse9")
+
+
+def test_set_cpu_path_reports_the_path_in_use():
+    best = torch.ops.fastmnist.set_cpu_path("auto")
+    assert best in ("avx512", "avx2", "portable")
+    try:
+        order = ["portable", "avx2", "avx512"]
+        for path in order[: order.index(best) + 1]:
+            assert torch.ops.fastmnist.set_cpu_path(path) == path
+        for path in order[order.index(best) + 1:]:
+            with pytest.raises(RuntimeError, match=f"this CPU has no {path} path"):
+                torch.ops.fastmnist.set_cpu_path(path)
+            assert torch.ops.fastmnist.set_cpu_path("auto") == best
+    finally:
+        torch.ops.fastmnist.set_cpu_path("auto")
 
 
 def test_opcheck():

@@ -6,6 +6,7 @@
 #include "cpu/simd.h"
 
 namespace fastmnist::cpu {
+inline namespace FASTMNIST_VEC_NS {  // see simd.h
 
 // act(z) for every lane of U vectors, in place; sigmoid and tanh take their exps U vectors at a time
 // (simd.h's vexp_n), so kernels that have several vectors ready pass them together.
@@ -63,4 +64,5 @@ FASTMNIST_INLINE Vec<T> vgrad_from_output(Vec<T> y, T slope) {
 using fastmnist::ActivationConstant;
 using fastmnist::with_activation;
 
+}  // namespace FASTMNIST_VEC_NS
 }  // namespace fastmnist::cpu

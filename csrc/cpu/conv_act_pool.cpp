@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "activation.h"
@@ -36,6 +37,25 @@
 #include "cpu/activation_vec.h"
 
 namespace fastmnist {
+
+// The op's CPU entry points. This file is built twice (see simd.h): with 32-byte vectors (portable and AVX2
+// paths) and, through cpu/avx512/conv_act_pool.cpp, with 64-byte vectors (AVX-512). Each build defines its
+// entry points in its own namespace; the registration at the end (32-byte build) picks one per call.
+using ConvActPoolFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias, int64_t padding,
+                                                         c10::string_view activation, bool save_act);
+using ConvActPoolBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act_out,
+    int64_t padding, c10::string_view activation, std::array<bool, 3> output_mask);
+namespace cpu::vec256 {
+ConvActPoolFn conv_act_pool_cpu;
+ConvActPoolBackwardFn conv_act_pool_backward_cpu;
+}  // namespace cpu::vec256
+namespace cpu::vec512 {
+ConvActPoolFn conv_act_pool_cpu;
+ConvActPoolBackwardFn conv_act_pool_backward_cpu;
+}  // namespace cpu::vec512
+
 namespace {
 
 using cpu::Vec;
@@ -49,25 +69,26 @@ constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: de
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Every lane = x. (Written as a shuffle: GCC 12 builds `Vec<T>{} + x` or an initialiser list from scalar
-// inserts inside target("avx2") functions; the shuffle becomes one vbroadcast.)
-template <typename T>
-FASTMNIST_INLINE Vec<T> splat(T x) {
-  typedef T Half __attribute__((vector_size(16)));
-  Half h{};
-  h[0] = x;
-  if constexpr (kWidth<T> == 8) {
-    return __builtin_shufflevector(h, h, 0, 0, 0, 0, 0, 0, 0, 0);
+// Every lane = x, written as a shuffle so that it becomes one vbroadcast (from memory where x was loaded): GCC 12
+// builds `Vec<T>{} + x` with an extra add and an initialiser list from scalar inserts. The source is a 16-byte
+// vector for 32-byte Vec (a full-width one there goes through the stack in target("avx2") code), and a full-width
+// one for 64-byte Vec (where, the other way round, widening a 16-byte one goes through the stack).
+template <typename T, std::size_t... I>
+FASTMNIST_INLINE Vec<T> splat(T x, std::index_sequence<I...>) {
+  if constexpr (sizeof(Vec<T>) == 64) {
+    Vec<T> v{};
+    v[0] = x;
+    return __builtin_shufflevector(v, v, (I * 0)...);
   } else {
-    return __builtin_shufflevector(h, h, 0, 0, 0, 0);
+    typedef T Quad __attribute__((vector_size(16)));
+    Quad q{};
+    q[0] = x;
+    return __builtin_shufflevector(q, q, (I * 0)...);
   }
 }
-
-// The weights with every value repeated across a vector: (..., k, k, W). The conv tile's multiply-adds then
-// take their weight operand straight from memory.
 template <typename T>
-at::Tensor broadcast_weights(const at::Tensor& w) {
-  return w.contiguous().unsqueeze(-1).expand({-1, -1, -1, -1, kWidth<T>}).contiguous();
+FASTMNIST_INLINE Vec<T> splat(T x) {
+  return splat<T>(x, std::make_index_sequence<kWidth<T>>{});
 }
 
 // The weights (C_out, C_in, k, k) laid out as (C_in, k, k, op), output channels padded with zeros to op.
@@ -88,7 +109,9 @@ struct Geometry {
   // padded input: (c, xh, xw); conv row i, column j reads x_pad[i + ky][j + kx]
   int64_t xh, xw, tiles;  // tiles: column tiles of the forward (kColVecs vectors of conv columns each)
   // dz plane: (o, dh, dw), dz[i][j] stored at [q + i][q + j], q = k - 1, zero elsewhere
-  int64_t dh, dw, dcols, in_tiles;  // dcols: dz columns read by grad_W; in_tiles: column tiles of grad_x
+  int64_t dh, dw, dcols;  // dcols: dz columns read by grad_W
+  // grad_x tiles: in_vecs (1 where one vector spans the input row, else kColVecs) vectors of columns each
+  int64_t in_vecs, in_tiles;
   // channel path (forward and grad_W vectorised over output channels, padded to op = round_up(o, W)): taken
   // when it wastes fewer lanes than the column path, whose tiles compute tiles * 2W columns per conv row
   int64_t op;
@@ -108,9 +131,10 @@ Geometry make_geometry(const at::Tensor& x4, const ConvActPoolShape& s) {
   g.xh = 2 * g.ho + g.k - 1;
   g.xw = std::max(g.tiles * kColVecs * W, g.dcols) + g.k - 1;
   const int64_t q = g.k - 1;
-  g.in_tiles = (g.w + kColVecs * W - 1) / (kColVecs * W);
+  g.in_vecs = g.w <= W ? 1 : kColVecs;
+  g.in_tiles = (g.w + g.in_vecs * W - 1) / (g.in_vecs * W);
   g.dh = std::max(q + 2 * g.ho, g.pad + g.h + g.k - 1);
-  g.dw = std::max(q + g.dcols, g.pad + g.in_tiles * kColVecs * W + g.k - 1);
+  g.dw = std::max(q + g.dcols, g.pad + g.in_tiles * g.in_vecs * W + g.k - 1);
   g.op = round_up(g.o, W);
   g.chan = g.op * 2 * g.wo <= g.o * g.tiles * kColVecs * W;
   return g;
@@ -137,7 +161,9 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
 // acc[r][o][v] = sum_{c, ky, kx} in[c][r + ky][v*W + kx] * w[o][c][ky][kx] for R consecutive output rows,
 // OB output channels and CB vectors of output columns. `in` points at the tile's first input row and column;
 // `ld` is the input row length, `in_cstride` its channel stride; w's channel stride is k*k, `w_ostride` its
-// output-channel stride (both in weights, each weight a broadcast vector of W copies). Only the tile's input
+// output-channel stride. Each weight is broadcast from its scalar (one vbroadcast from memory, or an FMA's
+// embedded broadcast): LeNet's second block reads 2400 weights per tile, which stay in L1 as scalars but not as
+// vectors of W copies (150 KB at W = 16, and the tile then ran at L2 speed). Only the tile's input
 // rows [t0, t1) are read: the caller passes the rows that are not all zero (padding). KS > 0 fixes the kernel
 // size at compile time (fully unrolled), 0 reads `k_rt`.
 template <typename T, int KS, int R, int OB, int CB>
@@ -154,7 +180,7 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
       for (int v = 0; v < CB; ++v) acc[r][o][v] = Vec<T>{};
   for (int64_t c = 0; c < channels; ++c) {
     const T* ic = in + c * in_cstride;
-    const T* wc = w + c * k * k * W;
+    const T* wc = w + c * k * k;
     // input row t feeds output row r through kernel row ky = t - r: each loaded vector serves R*OB products
     for (int64_t t = std::max<int64_t>(t0, 0); t < std::min<int64_t>(t1, k + R - 1); ++t) {
       const T* row = ic + t * ld;
@@ -169,7 +195,7 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
           if (ky < 0 || ky >= k) continue;
 #pragma GCC unroll 16
           for (int o = 0; o < OB; ++o) {
-            const Vec<T> wv = cpu::load<T>(wc + (o * w_ostride + ky * k + kx) * W);
+            const Vec<T> wv = splat<T>(wc[o * w_ostride + ky * k + kx]);
 #pragma GCC unroll 16
             for (int v = 0; v < CB; ++v) acc[r][o][v] += xv[v] * wv;
           }
@@ -190,14 +216,23 @@ FASTMNIST_INLINE void store_first(T* p, Vec<T> v, int64_t n) {
 }
 
 // Sums of neighbouring lanes of the 2W values (a, b): {a0+a1, a2+a3, ..., b_{W-2}+b_{W-1}}.
+template <typename T, std::size_t... I>
+FASTMNIST_INLINE Vec<T> pair_sums(Vec<T> a, Vec<T> b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I)...) + __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
 template <typename T>
 FASTMNIST_INLINE Vec<T> pair_sums(Vec<T> a, Vec<T> b) {
-  if constexpr (kWidth<T> == 8) {
-    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
-           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
-  } else {
-    return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
-  }
+  return pair_sums<T>(a, b, std::make_index_sequence<kWidth<T>>{});
+}
+
+// The first W/2 values at p, each repeated twice: {p0, p0, p1, p1, ...} (the 2x upsampling of a pooled row).
+// Loaded as a half-width vector: a partial copy into a full-width one goes through the stack.
+template <typename T, std::size_t... I>
+FASTMNIST_INLINE Vec<T> load_doubled(const T* p, std::index_sequence<I...>) {
+  typedef T Half __attribute__((vector_size(sizeof(Vec<T>) / 2)));
+  Half half;
+  std::memcpy(&half, p, sizeof(half));
+  return __builtin_shufflevector(half, half, (I / 2)...);
 }
 
 // Channel path tile: conv rows 2 pi, 2 pi + 1 and columns 2 pj .. 2 pj + 2 PC - 1 (PC pooling windows) for OB
@@ -249,7 +284,7 @@ struct ConvActPoolForward {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[2][OB][kColVecs];
         conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw,
-                                          w + o0 * g.c * g.k * g.k * W, g.c * g.k * g.k, g.c, g.k,
+                                          w + o0 * g.c * g.k * g.k, g.c * g.k * g.k, g.c, g.k,
                                           g.pad - 2 * pi, g.pad + g.h - 2 * pi, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, conv_w - col0);  // conv columns kept, even
 #pragma GCC unroll 16
@@ -337,7 +372,7 @@ struct ConvActPoolForward {
       }
     }
   }
-  // w: broadcast weights (column path) or channels-last weights (channel path); bias: the channel path's padded
+  // w: the weights (column path) or channels-last weights (channel path); bias: the channel path's padded
   // bias (never null there).
   static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* w, const T* bias, T* out, T* act, T* buf,
                                    int64_t n0, int64_t n1) {
@@ -368,15 +403,7 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
       T* drow = dz + (o * g.dh + q + i) * g.dw + q;
       int64_t j = 0;
       for (; j + W <= conv_w; j += W) {
-        Vec<T> half{};
-        std::memcpy(&half, grow + j / 2, sizeof(T) * (W / 2));
-        Vec<T> gv;
-        if constexpr (W == 8) {
-          gv = __builtin_shufflevector(half, half, 0, 0, 1, 1, 2, 2, 3, 3);
-        } else {
-          gv = __builtin_shufflevector(half, half, 0, 0, 1, 1);
-        }
-        gv *= T(0.25);
+        Vec<T> gv = load_doubled<T>(grow + j / 2, std::make_index_sequence<W>{}) * T(0.25);
         if constexpr (A != Activation::Identity) gv *= cpu::vgrad_from_output<A, T>(cpu::load<T>(arow + j), T(0));
         cpu::store(drow + j, gv);
         vsum += gv;
@@ -462,8 +489,8 @@ FASTMNIST_INLINE void weight_grad_tile_cl(const T* dzcl, const T* xpad, const Ge
 // Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
 // sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf, dz and dzcl (channel path) are
 // this task's zeroed scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W
-// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip (C_in, C_out, k, k, vector width)
-// is W flipped in both spatial dimensions and broadcast (only for gx).
+// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip (C_in, C_out, k, k) is W flipped in
+// both spatial dimensions (only for gx).
 template <typename T, Activation A, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
@@ -511,35 +538,35 @@ struct ConvActPoolBackward {
     }
   }
 
-  template <int OB>
+  template <int OB, int CB>
   static FASTMNIST_INLINE void input_grad_block(const T* dz, const Geometry& g, const T* wflip, int64_t c0, T* gx) {
     constexpr int W = kWidth<T>;
     const T* base = dz + g.pad * g.dw + g.pad;
     const int64_t q = g.k - 1;
     for (int64_t h = 0; h < g.h; ++h) {
       for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
-        const int64_t col0 = tile * kColVecs * W;
-        Vec<T> acc[1][OB][kColVecs];
+        const int64_t col0 = tile * CB * W;
+        Vec<T> acc[1][OB][CB];
         // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this row reads plane rows pad + h + t
-        conv_tile<T, KS, 1, OB, kColVecs>(base + h * g.dw + col0, g.dh * g.dw, g.dw,
-                                          wflip + c0 * g.o * g.k * g.k * W, g.o * g.k * g.k, g.o, g.k,
+        conv_tile<T, KS, 1, OB, CB>(base + h * g.dw + col0, g.dh * g.dw, g.dw,
+                                          wflip + c0 * g.o * g.k * g.k, g.o * g.k * g.k, g.o, g.k,
                                           q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
-        const int64_t ncols = std::min<int64_t>(kColVecs * W, g.w - col0);
+        const int64_t ncols = std::min<int64_t>(CB * W, g.w - col0);
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
           T* row = gx + ((c0 + o) * g.h + h) * g.w + col0;
 #pragma GCC unroll 16
-          for (int v = 0; v < kColVecs; ++v)
+          for (int v = 0; v < CB; ++v)
             store_first<T>(row + v * W, acc[0][o][v], std::clamp<int64_t>(ncols - v * W, 0, W));
         }
       }
     }
   }
-  template <int OB>
+  template <int OB, int CB>
   static FASTMNIST_INLINE void input_grad_blocks(int64_t c, const T* dz, const Geometry& g, const T* wflip, T* gx) {
-    for (; c + OB <= g.c; c += OB) input_grad_block<OB>(dz, g, wflip, c, gx);
+    for (; c + OB <= g.c; c += OB) input_grad_block<OB, CB>(dz, g, wflip, c, gx);
     if constexpr (OB > 1) {
-      if (c < g.c) input_grad_blocks<OB - 1>(c, dz, g, wflip, gx);
+      if (c < g.c) input_grad_blocks<OB - 1, CB>(c, dz, g, wflip, gx);
     }
   }
 
@@ -560,7 +587,14 @@ struct ConvActPoolBackward {
           weight_grad<kWGradBlock>(0, dz, xbuf, g, gwv);
         }
       }
-      if (gx != nullptr) input_grad_blocks<kInGradBlock>(0, dz, g, wflip, gx + n * g.c * g.h * g.w);
+      if (gx != nullptr) {
+        T* gx_n = gx + n * g.c * g.h * g.w;
+        if (g.in_vecs == 1) {
+          input_grad_blocks<kInGradBlock, 1>(0, dz, g, wflip, gx_n);
+        } else {
+          input_grad_blocks<kInGradBlock, kColVecs>(0, dz, g, wflip, gx_n);
+        }
+      }
     }
     if (gw != nullptr && g.chan) {
       for (int64_t o = 0; o < g.o; ++o)
@@ -577,6 +611,11 @@ auto with_kernel_size(int64_t k, F&& f) {
   if (k == 5) return f(std::integral_constant<int, 5>{});
   return f(std::integral_constant<int, 0>{});
 }
+
+}  // namespace
+
+namespace cpu {
+inline namespace FASTMNIST_VEC_NS {
 
 std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias, int64_t padding,
@@ -602,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
       bpad = at::zeros({g.op}, x.options());
       if (b.defined()) bpad.narrow(0, 0, g.o).copy_(b);
     } else {
-      wvec = broadcast_weights<scalar_t>(w);
+      wvec = w;
       bpad = b;
     }
     const scalar_t* w_ptr = wvec.const_data_ptr<scalar_t>();
@@ -650,14 +689,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
     at::Tensor w_partial = need_w ? at::empty({chunks, wsize}, x.options()) : at::Tensor();
     at::Tensor b_partial = need_b ? at::empty({chunks, c_out}, x.options()) : at::Tensor();
     // (C_in, C_out, k, k), flipped in both spatial dimensions: grad_x is the forward conv of dz with it
-    const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1) : at::Tensor();
+    const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_backward_cpu", [&] {
       const Geometry geo = make_geometry<scalar_t>(x4, args.shape);
       const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
       const scalar_t* g_ptr = in.grad_out.const_data_ptr<scalar_t>();
       const scalar_t* a_ptr = in.act.defined() ? in.act.const_data_ptr<scalar_t>() : nullptr;
-      const at::Tensor wflip_vec = need_x ? broadcast_weights<scalar_t>(wflip) : at::Tensor();
-      const scalar_t* wf_ptr = need_x ? wflip_vec.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* wf_ptr = need_x ? wflip.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* wp_ptr = need_w ? w_partial.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* bp_ptr = need_b ? b_partial.mutable_data_ptr<scalar_t>() : nullptr;
@@ -698,11 +736,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
   return {grad_x, grad_w, grad_b};
 }
 
+}  // namespace FASTMNIST_VEC_NS
+}  // namespace cpu
+
+#if FASTMNIST_VEC_BYTES == 32
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> conv_act_pool_by_path(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias, int64_t padding,
+                                                         c10::string_view activation, bool save_act) {
+  const auto f = cpu::cpu_path() == cpu::CpuPath::Avx512 ? cpu::vec512::conv_act_pool_cpu : cpu::vec256::conv_act_pool_cpu;
+  return f(x, weight, bias, padding, activation, save_act);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_by_path(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act_out,
+    int64_t padding, c10::string_view activation, std::array<bool, 3> output_mask) {
+  const auto f = cpu::cpu_path() == cpu::CpuPath::Avx512 ? cpu::vec512::conv_act_pool_backward_cpu
+                                                         : cpu::vec256::conv_act_pool_backward_cpu;
+  return f(grad_out, x, weight, act_out, padding, activation, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
-  m.impl("conv_act_pool", &conv_act_pool_cpu);
-  m.impl("conv_act_pool_backward", &conv_act_pool_backward_cpu);
+  m.impl("conv_act_pool", &conv_act_pool_by_path);
+  m.impl("conv_act_pool_backward", &conv_act_pool_backward_by_path);
 }
+#endif
 
 }  // namespace fastmnist

@@ -12,6 +12,7 @@
 #define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace fastmnist::cpu {
+inline namespace FASTMNIST_VEC_NS {  // see simd.h
 
 // exp(x) that is exact at the edges the losses meet: 0 below the underflow limit (exp(-inf) = 0, where vexp
 // saturates), and NaN in gives NaN out. Softmax rows with -inf logits and all-(-inf) rows then give eager's
@@ -165,4 +166,5 @@ FASTMNIST_INLINE Vec<T> select(IntVec<T> mask, Vec<T> a, Vec<T> b) {
   return mask ? a : b;
 }
 
+}  // namespace FASTMNIST_VEC_NS
 }  // namespace fastmnist::cpu

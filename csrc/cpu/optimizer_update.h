@@ -8,6 +8,7 @@
 #include "cpu/simd.h"
 
 namespace fastmnist::cpu {
+inline namespace FASTMNIST_VEC_NS {  // see simd.h
 
 template <typename T>
 struct SgdArgs {
@@ -101,4 +102,5 @@ struct AdamUpdate {
   }
 };
 
+}  // namespace FASTMNIST_VEC_NS
 }  // namespace fastmnist::cpu

@@ -1,10 +1,16 @@
-// Portable SIMD for the CPU kernels, with the AVX2+FMA path chosen at run time.
+// Portable SIMD for the CPU kernels, with the vectorised paths chosen at run time.
 //
-// Kernels are written once as always-inline templates over `Vec<T>` (GCC/Clang vector extensions, 32 bytes:
-// 8 floats or 4 doubles). Each entry point is compiled twice by run_kernel: once for baseline
-// x86-64 (the vector ops become SSE2 pairs) and once with target("avx2,fma"). A build made on one machine
-// therefore runs on any x86-64 CPU, and uses AVX2+FMA where the CPU has it. The two paths compute the same
-// function; they differ only in rounding where FMA contracts a multiply-add.
+// Kernels are written once as always-inline templates over `Vec<T>` (GCC/Clang vector extensions of
+// FASTMNIST_VEC_BYTES bytes) and dispatched by run_kernel<K>() below. A translation unit is built at one width:
+//   32 bytes (8 floats, 4 doubles), the default: each entry point is compiled twice, once for baseline x86-64
+//     (the vector ops become SSE2 pairs) and once with target("avx2,fma");
+//   64 bytes (16 floats, 8 doubles): a kernel file included again by a file in cpu/avx512/, which defines
+//     FASTMNIST_VEC_BYTES 64 first; its entry points are compiled with the AVX-512 target only, and the op's
+//     registration (in the 32-byte build) calls them where cpu_path() is Avx512.
+// A build made on one machine therefore runs on any x86-64 CPU and uses the widest vectors it has. The paths
+// compute the same function; they differ only in rounding (FMA contraction, and the order of lane sums).
+// Everything whose definition depends on the width lives in the inline namespace FASTMNIST_VEC_NS (vec256 or
+// vec512), so that the two builds of a template never share a mangled name.
 // Kernels are written as structs with an always-inline static `run`, dispatched by run_kernel<K>() below.
 #pragma once
 
@@ -18,24 +24,42 @@
 
 #define FASTMNIST_INLINE inline __attribute__((always_inline))
 
-#if defined(__x86_64__) || defined(__i386__)
-#define FASTMNIST_HAVE_AVX2_PATH 1
-#define FASTMNIST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#ifndef FASTMNIST_VEC_BYTES
+#define FASTMNIST_VEC_BYTES 32
+#endif
+#if FASTMNIST_VEC_BYTES == 32
+#define FASTMNIST_VEC_NS vec256
+#elif FASTMNIST_VEC_BYTES == 64
+#define FASTMNIST_VEC_NS vec512
 #else
-#define FASTMNIST_HAVE_AVX2_PATH 0
-#define FASTMNIST_TARGET_AVX2
+#error "FASTMNIST_VEC_BYTES must be 32 or 64"
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FASTMNIST_HAVE_X86_PATHS 1
+#define FASTMNIST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FASTMNIST_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#else
+#define FASTMNIST_HAVE_X86_PATHS 0
+#endif
+#if FASTMNIST_VEC_BYTES == 64 && !FASTMNIST_HAVE_X86_PATHS
+#error "the 64-byte kernels are built for x86-64 (AVX-512) only"
 #endif
 
 namespace fastmnist::cpu {
 
-// Which compiled path the kernels take: set by set_cpu_path(), "auto" by default.
-bool use_avx2();
-// "auto", "avx2" or "portable"; returns the path in use afterwards. "avx2" on a CPU without it is an error.
+// The compiled path the kernels take, ordered: Avx512 runs the 64-byte builds where an op has one, and the AVX2
+// path elsewhere. Set by set_cpu_path(); by default the best this CPU has.
+enum class CpuPath : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
+CpuPath cpu_path();
+// "auto", "avx512", "avx2" or "portable"; returns the path in use afterwards. A path the CPU lacks is an error.
 std::string set_cpu_path(const std::string& path);
+
+inline namespace FASTMNIST_VEC_NS {
 
 template <typename T>
 struct VecType {
-  typedef T type __attribute__((vector_size(32)));
+  typedef T type __attribute__((vector_size(FASTMNIST_VEC_BYTES)));
 };
 template <typename T>
 using Vec = typename VecType<T>::type;
@@ -43,7 +67,7 @@ template <typename T>
 using IntVec = typename VecType<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>::type;
 
 template <typename T>
-constexpr int kWidth = 32 / sizeof(T);
+constexpr int kWidth = FASTMNIST_VEC_BYTES / sizeof(T);
 
 template <typename T>
 FASTMNIST_INLINE Vec<T> load(const T* p) {
@@ -140,14 +164,21 @@ FASTMNIST_INLINE Vec<T> vexp(Vec<T> x) {
   return v[0];
 }
 
-}  // namespace fastmnist::cpu
-
-namespace fastmnist::cpu {
-
-// run_kernel<K>(args...) calls K::run(args...), an always-inline static function, compiled for AVX2+FMA when
-// the CPU has it (and the path is not forced to portable), else compiled for baseline x86-64. Call it per
+// run_kernel<K>(args...) calls K::run(args...), an always-inline static function. In the 32-byte build it is
+// compiled for AVX2+FMA when the path allows (the CPU has it and it is not forced to portable), else for
+// baseline x86-64; in the 64-byte build always for AVX-512 (its callers check cpu_path() first). Call it per
 // chunk of work inside at::parallel_for: the lambda given to parallel_for is compiled for the baseline.
-#if FASTMNIST_HAVE_AVX2_PATH
+#if FASTMNIST_VEC_BYTES == 64
+template <typename K, typename... Args>
+FASTMNIST_TARGET_AVX512 void run_kernel_avx512(Args... args) {
+  K::run(args...);
+}
+template <typename K, typename... Args>
+inline void run_kernel(Args... args) {
+  run_kernel_avx512<K>(args...);
+}
+#else
+#if FASTMNIST_HAVE_X86_PATHS
 template <typename K, typename... Args>
 FASTMNIST_TARGET_AVX2 void run_kernel_avx2(Args... args) {
   K::run(args...);
@@ -159,10 +190,12 @@ void run_kernel_portable(Args... args) {
 }
 template <typename K, typename... Args>
 inline void run_kernel(Args... args) {
-#if FASTMNIST_HAVE_AVX2_PATH
-  if (use_avx2()) return run_kernel_avx2<K>(args...);
+#if FASTMNIST_HAVE_X86_PATHS
+  if (cpu_path() >= CpuPath::Avx2) return run_kernel_avx2<K>(args...);
 #endif
   run_kernel_portable<K>(args...);
 }
+#endif
 
+}  // namespace FASTMNIST_VEC_NS
 }  // namespace fastmnist::cpu
