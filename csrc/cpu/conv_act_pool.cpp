@@ -32,6 +32,10 @@
 #include <utility>
 #include <vector>
 
+#if FASTMNIST_VEC_BYTES == 64
+#include <immintrin.h>
+#endif
+
 #include "activation.h"
 #include "conv_act_pool_args.h"
 #include "cpu/activation_vec.h"
@@ -69,23 +73,28 @@ constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: de
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Every lane = x, written as a shuffle so that it becomes one vbroadcast (from memory where x was loaded): GCC 12
-// builds `Vec<T>{} + x` with an extra add and an initialiser list from scalar inserts. The source is a 16-byte
-// vector for 32-byte Vec (a full-width one there goes through the stack in target("avx2") code), and a full-width
-// one for 64-byte Vec (where, the other way round, widening a 16-byte one goes through the stack).
+// Every lane = x, as one vbroadcast (from memory where x was just loaded). GCC 12 builds `Vec<T>{} + x` with an
+// extra add and an initialiser list from scalar inserts; for 32-byte Vec a shuffle of a 16-byte vector does it.
+// For 64-byte Vec every generic form takes two instructions (a masked load, then a broadcast from a register,
+// on the FMA pipes) or goes through the stack, so the AVX-512 set1 intrinsic does it there.
+#if FASTMNIST_VEC_BYTES == 64
 template <typename T, std::size_t... I>
 FASTMNIST_INLINE Vec<T> splat(T x, std::index_sequence<I...>) {
-  if constexpr (sizeof(Vec<T>) == 64) {
-    Vec<T> v{};
-    v[0] = x;
-    return __builtin_shufflevector(v, v, (I * 0)...);
+  if constexpr (sizeof(T) == 4) {
+    return reinterpret_cast<Vec<T>>(_mm512_set1_ps(x));
   } else {
-    typedef T Quad __attribute__((vector_size(16)));
-    Quad q{};
-    q[0] = x;
-    return __builtin_shufflevector(q, q, (I * 0)...);
+    return reinterpret_cast<Vec<T>>(_mm512_set1_pd(x));
   }
 }
+#else
+template <typename T, std::size_t... I>
+FASTMNIST_INLINE Vec<T> splat(T x, std::index_sequence<I...>) {
+  typedef T Quad __attribute__((vector_size(16)));
+  Quad q{};
+  q[0] = x;
+  return __builtin_shufflevector(q, q, (I * 0)...);
+}
+#endif
 template <typename T>
 FASTMNIST_INLINE Vec<T> splat(T x) {
   return splat<T>(x, std::make_index_sequence<kWidth<T>>{});

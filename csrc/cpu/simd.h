@@ -22,8 +22,6 @@
 #include <string>
 #include <type_traits>
 
-#define FASTMNIST_INLINE inline __attribute__((always_inline))
-
 #ifndef FASTMNIST_VEC_BYTES
 #define FASTMNIST_VEC_BYTES 32
 #endif
@@ -44,6 +42,15 @@
 #endif
 #if FASTMNIST_VEC_BYTES == 64 && !FASTMNIST_HAVE_X86_PATHS
 #error "the 64-byte kernels are built for x86-64 (AVX-512) only"
+#endif
+
+// Kernel-level functions (always inlined into run_kernel's entry points). In the 64-byte build they are AVX-512
+// functions, so that they may use AVX-512 intrinsics where the generic vector code compiles badly; the compiler
+// then refuses any call to them from code compiled for the baseline.
+#if FASTMNIST_VEC_BYTES == 64
+#define FASTMNIST_INLINE inline __attribute__((always_inline)) FASTMNIST_TARGET_AVX512
+#else
+#define FASTMNIST_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace fastmnist::cpu {
