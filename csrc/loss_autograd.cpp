@@ -41,6 +41,7 @@ struct SoftmaxCrossEntropyFn : torch::autograd::Function<SoftmaxCrossEntropyFn> 
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // no zero gradient for lse on every backward; grad_or_zeros covers `loss`
     return {loss, lse};
   }
 
@@ -139,6 +140,9 @@ struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["mask"] = c10::List<bool>({mask[0], mask[1], mask[2]});
     ctx->mark_non_differentiable({lse, gx, gw, gb});
+    // no zero gradients for lse and the precomputed gradients (the size of x and of the weight) on every
+    // backward; an undefined grad of `loss` is handled in backward
+    ctx->set_materialize_grads(false);
     return {loss, lse, gx, gw, gb};
   }
 
