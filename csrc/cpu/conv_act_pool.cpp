@@ -43,8 +43,8 @@
 namespace fastmnist {
 
 // The op's CPU entry points. This file is built twice (see simd.h): with 32-byte vectors (portable and AVX2
-// paths) and, through cpu/avx512/conv_act_pool.cpp, with 64-byte vectors (AVX-512). Each build defines its
-// entry points in its own namespace; the registration at the end (32-byte build) picks one per call.
+// paths) and, through cpu/avx512/conv_act_pool.cpp, with 64-byte vectors (AVX-512, x86-64 only). Each build
+// defines its entry points in its own namespace; the registration at the end (32-byte build) picks one per call.
 using ConvActPoolFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const at::Tensor& weight,
                                                          const std::optional<at::Tensor>& bias, int64_t padding,
                                                          c10::string_view activation, bool save_act);
@@ -557,9 +557,8 @@ struct ConvActPoolBackward {
         const int64_t col0 = tile * CB * W;
         Vec<T> acc[1][OB][CB];
         // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this row reads plane rows pad + h + t
-        conv_tile<T, KS, 1, OB, CB>(base + h * g.dw + col0, g.dh * g.dw, g.dw,
-                                          wflip + c0 * g.o * g.k * g.k, g.o * g.k * g.k, g.o, g.k,
-                                          q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
+        conv_tile<T, KS, 1, OB, CB>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k,
+                                    g.o * g.k * g.k, g.o, g.k, q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
         const int64_t ncols = std::min<int64_t>(CB * W, g.w - col0);
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
@@ -754,16 +753,21 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> conv_act_pool_by_path(const at::Tensor& x, const at::Tensor& weight,
                                                          const std::optional<at::Tensor>& bias, int64_t padding,
                                                          c10::string_view activation, bool save_act) {
-  const auto f = cpu::cpu_path() == cpu::CpuPath::Avx512 ? cpu::vec512::conv_act_pool_cpu : cpu::vec256::conv_act_pool_cpu;
-  return f(x, weight, bias, padding, activation, save_act);
+#if FASTMNIST_HAVE_X86_PATHS
+  if (cpu::cpu_path() == cpu::CpuPath::Avx512)
+    return cpu::vec512::conv_act_pool_cpu(x, weight, bias, padding, activation, save_act);
+#endif
+  return cpu::vec256::conv_act_pool_cpu(x, weight, bias, padding, activation, save_act);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_by_path(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& act_out,
     int64_t padding, c10::string_view activation, std::array<bool, 3> output_mask) {
-  const auto f = cpu::cpu_path() == cpu::CpuPath::Avx512 ? cpu::vec512::conv_act_pool_backward_cpu
-                                                         : cpu::vec256::conv_act_pool_backward_cpu;
-  return f(grad_out, x, weight, act_out, padding, activation, output_mask);
+#if FASTMNIST_HAVE_X86_PATHS
+  if (cpu::cpu_path() == cpu::CpuPath::Avx512)
+    return cpu::vec512::conv_act_pool_backward_cpu(grad_out, x, weight, act_out, padding, activation, output_mask);
+#endif
+  return cpu::vec256::conv_act_pool_backward_cpu(grad_out, x, weight, act_out, padding, activation, output_mask);
 }
 
 }  // namespace

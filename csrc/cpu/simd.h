@@ -1,7 +1,8 @@
 // Portable SIMD for the CPU kernels, with the vectorised paths chosen at run time.
 //
-// Kernels are written once as always-inline templates over `Vec<T>` (GCC/Clang vector extensions of
-// FASTMNIST_VEC_BYTES bytes) and dispatched by run_kernel<K>() below. A translation unit is built at one width:
+// Kernels are written once as structs with an always-inline static `run`, templates over `Vec<T>` (GCC/Clang
+// vector extensions of FASTMNIST_VEC_BYTES bytes), dispatched by run_kernel<K>() below. A translation unit is
+// built at one width:
 //   32 bytes (8 floats, 4 doubles), the default: each entry point is compiled twice, once for baseline x86-64
 //     (the vector ops become SSE2 pairs) and once with target("avx2,fma");
 //   64 bytes (16 floats, 8 doubles): a kernel file included again by a file in cpu/avx512/, which defines
@@ -11,7 +12,6 @@
 // compute the same function; they differ only in rounding (FMA contraction, and the order of lane sums).
 // Everything whose definition depends on the width lives in the inline namespace FASTMNIST_VEC_NS (vec256 or
 // vec512), so that the two builds of a template never share a mangled name.
-// Kernels are written as structs with an always-inline static `run`, dispatched by run_kernel<K>() below.
 #pragma once
 
 #include <c10/util/Exception.h>
