@@ -113,14 +113,24 @@ def test_noncontiguous_logits_and_grad():
         check_against_eager(logits.t().contiguous().t(), target, options(reduction, ignore, smoothing, weight))
 
 
-@pytest.mark.parametrize("path", ["portable", "avx2"])
-def test_cpu_paths(path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+def test_cpu_paths(path, dtype):
+    """Every compiled path against eager, at shapes around its vector widths (8/4 and 16/8 lanes): one vector,
+    one lane more, the lanes kernel's row blocks with a remainder (37 rows of 10 classes), long rows with a tail,
+    and extreme logits."""
     with cpu_path(path):
         gen = torch.Generator().manual_seed(3)
-        for shape in [(5, 3), (11, 10), (4, 41), (2, 200)]:
+        for shape in [(5, 3), (11, 10), (37, 10), (3, 16), (19, 17), (4, 41), (2, 200), (3, 1000)]:
             for reduction, weighted, ignore, smoothing, prob in GRID[::3]:
-                logits, target, weight = make_inputs(shape, weighted, ignore, prob, torch.float32, gen)
+                logits, target, weight = make_inputs(shape, weighted, ignore, prob, dtype, gen)
                 check_against_eager(logits, target, options(reduction, ignore, smoothing, weight))
+        logits = torch.randn(21, 33, generator=gen, dtype=dtype) * 1e4
+        logits[2, :20] = float("-inf")
+        logits[5] = float("-inf")
+        target = torch.randint(20, 33, (21,), generator=gen)
+        for reduction in REDUCTIONS:
+            check_against_eager(logits, target, dict(reduction=reduction, label_smoothing=0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -22,6 +22,10 @@
 // With a reduced loss and gradients requested, the gradients for grad_output = 1 are computed during forward
 // (three GEMMs in all, as eager) and backward only scales them; with reduction "none" the per-row
 // grad_output is not known in forward, so backward recomputes each chunk's logits from x, W and the saved lse.
+//
+// The row kernel is built twice (see cpu/simd.h): here with 32-byte vectors (portable and AVX2 paths) and, through
+// cpu/avx512/cross_entropy.cpp, with 64-byte vectors; cross_entropy_rows picks one per call by cpu_path(). The
+// ops, the target check and the head are built once, in the 32-byte build.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -281,12 +285,39 @@ int64_t row_grain(int64_t C) {
 }  // namespace
 
 namespace cpu {
+inline namespace FASTMNIST_VEC_NS {
 
+// This build's row kernel over rows [0, rows), in parallel; cross_entropy_rows (below) picks a build per call.
 template <typename T>
-void cross_entropy_rows(const CERows<T>& p, int64_t rows) {
+void cross_entropy_rows_at_width(const CERows<T>& p, int64_t rows) {
   at::parallel_for(0, rows, row_grain(p.C), [&](int64_t r0, int64_t r1) {
     run_kernel<CrossEntropyRows<T>>(p, r0, r1);
   });
+}
+
+template void cross_entropy_rows_at_width<float>(const CERows<float>&, int64_t);
+template void cross_entropy_rows_at_width<double>(const CERows<double>&, int64_t);
+
+}  // namespace FASTMNIST_VEC_NS
+}  // namespace cpu
+
+// Everything below is built once, in the 32-byte build.
+#if FASTMNIST_VEC_BYTES == 32
+namespace cpu {
+
+#if FASTMNIST_HAVE_X86_PATHS
+namespace vec512 {  // cpu/avx512/cross_entropy.cpp
+template <typename T>
+void cross_entropy_rows_at_width(const CERows<T>& p, int64_t rows);
+}  // namespace vec512
+#endif
+
+template <typename T>
+void cross_entropy_rows(const CERows<T>& p, int64_t rows) {
+#if FASTMNIST_HAVE_X86_PATHS
+  if (cpu_path() == CpuPath::Avx512) return vec512::cross_entropy_rows_at_width<T>(p, rows);
+#endif
+  vec256::cross_entropy_rows_at_width<T>(p, rows);
 }
 
 template void cross_entropy_rows<float>(const CERows<float>&, int64_t);
@@ -315,12 +346,12 @@ template double check_targets_and_weight_sum<double>(const char*, const int64_t*
 
 namespace {
 
-// Class weights padded with zeros to a multiple of 8 elements: the kernels read them in whole vectors. Undefined
-// (no class weights) stays undefined.
+// Class weights padded with zeros to a multiple of 16 elements (64 bytes of floats, the widest vector): the
+// kernels read them in whole vectors. Undefined (no class weights) stays undefined.
 at::Tensor padded_class_weight(const at::Tensor& w) {
   if (!w.defined()) return w;
   const int64_t C = w.size(0);
-  at::Tensor out = at::zeros({(C + 7) / 8 * 8}, w.options());
+  at::Tensor out = at::zeros({(C + 15) / 16 * 16}, w.options());
   out.narrow(0, 0, C).copy_(w);
   return out;
 }
@@ -540,5 +571,7 @@ TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
   m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
   m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
 }
+
+#endif  // FASTMNIST_VEC_BYTES == 32
 
 }  // namespace fastmnist

@@ -6,10 +6,16 @@
 #include "cpu/simd.h"
 
 #include <limits>
+#include <utility>
 
 // For lambdas inside kernels: they must be inlined into the AVX2-compiled caller (a lambda is compiled for the
-// baseline target, and passing 32-byte vectors between the two would not even agree on the ABI).
+// baseline target, and passing 32-byte vectors between the two would not even agree on the ABI). In the 64-byte
+// build they carry the AVX-512 target, as FASTMNIST_INLINE does (see simd.h).
+#if FASTMNIST_VEC_BYTES == 64
+#define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline)) FASTMNIST_TARGET_AVX512
+#else
 #define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline))
+#endif
 
 namespace fastmnist::cpu {
 inline namespace FASTMNIST_VEC_NS {  // see simd.h
@@ -32,31 +38,29 @@ FASTMNIST_INLINE Vec<T> vsigmoid0(Vec<T> x) {
   return (x < T(0) ? e : broadcast<T>(T(1))) / (T(1) + e);
 }
 
-// Horizontal max and sum of the lanes, by halving shuffles.
-template <typename T>
-FASTMNIST_INLINE T hmax(Vec<T> v) {
-  if constexpr (sizeof(T) == 4) {
-    v = vmax<T>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
-    v = vmax<T>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
-    v = vmax<T>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
-  } else {
-    v = vmax<T>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
-    v = vmax<T>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
-  }
-  return v[0];
+// Horizontal max and sum of the lanes, by halving shuffles: each step combines lane i with lane i ^ H, for
+// H = W/2, W/4, ..., 1 (the sum's order is therefore fixed per width).
+template <typename T, int H, std::size_t... I>
+FASTMNIST_INLINE Vec<T> swap_lanes(Vec<T> v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (I ^ H)...);
 }
 
-template <typename T>
-FASTMNIST_INLINE T hsum(Vec<T> v) {
-  if constexpr (sizeof(T) == 4) {
-    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-    v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-    v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+template <typename T, int H = kWidth<T> / 2>
+FASTMNIST_INLINE T hmax(Vec<T> v) {
+  if constexpr (H == 0) {
+    return v[0];
   } else {
-    v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
-    v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2);
+    return hmax<T, H / 2>(vmax<T>(v, swap_lanes<T, H>(v, std::make_index_sequence<kWidth<T>>{})));
   }
-  return v[0];
+}
+
+template <typename T, int H = kWidth<T> / 2>
+FASTMNIST_INLINE T hsum(Vec<T> v) {
+  if constexpr (H == 0) {
+    return v[0];
+  } else {
+    return hsum<T, H / 2>(v + swap_lanes<T, H>(v, std::make_index_sequence<kWidth<T>>{}));
+  }
 }
 
 // log1p(u) for u in [0, 1]: 2 atanh(f), f = u / (2 + u) in [0, 1/3], by its odd series (7 terms for float,
