@@ -62,16 +62,20 @@ ConvActPoolBackwardFn conv_act_pool_backward_cpu;
 
 namespace {
 
+using cpu::IntVec;
 using cpu::Vec;
 using cpu::kWidth;
 
 constexpr int kConvBlock = 3;     // forward tile: output channels
 constexpr int kInGradBlock = 6;   // grad_x tile: input channels
-constexpr int kWGradBlock = 2;    // grad_W tile: output channels
+constexpr int kWGradBlock = 3;    // grad_W tile: output channels
 constexpr int kColVecs = 2;       // column vectors per conv tile (2 vectors of conv columns -> 1 pooled vector)
 constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: deterministic reduction)
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+// Elements past the end of the backward's padded input that weight_grad_tile's second row load may read.
+template <typename T>
+constexpr int64_t kRowSlack = kWidth<T>;
 
 // Every lane = x, as one vbroadcast (from memory where x was just loaded). GCC 12 builds `Vec<T>{} + x` with an
 // extra add and an initialiser list from scalar inserts; for 32-byte Vec a shuffle of a 16-byte vector does it.
@@ -110,6 +114,7 @@ at::Tensor channels_last_weights(const at::Tensor& w, int64_t op) {
 // Shapes and scratch-buffer geometry of one call, computed once on the host. All row lengths of the
 // scratch buffers include the slack that the vector loads of the last column tile read (zeros).
 struct Geometry {
+  int64_t n;              // batch size
   int64_t c, h, w;        // input channels and size
   int64_t o, k, pad;      // output channels, kernel size, padding
   int64_t ho, wo;         // pooled output size (conv output 2*ho x 2*wo is what is computed)
@@ -131,6 +136,7 @@ template <typename T>
 Geometry make_geometry(const at::Tensor& x4, const ConvActPoolShape& s) {
   constexpr int W = kWidth<T>;
   Geometry g;
+  g.n = s.n;
   g.c = s.c, g.h = s.h, g.w = s.w;
   g.o = s.o, g.k = s.k, g.pad = s.pad;
   g.ho = s.ho, g.wo = s.wo;
@@ -398,11 +404,18 @@ struct ConvActPoolForward {
   }
 };
 
-// dz for one sample into the dz plane, and the per-channel sums of dz added to gb (if not null).
+// dz for one sample into the dz plane, and the per-channel sums of dz added to gb (if not null). A row's tail
+// (conv_w % W columns) is one vector whose loads run past the row, where that stays inside the tensors (gout_end,
+// act_end: one past their last element), with the lanes past the row zeroed (they are dz's border); else it is
+// done element by element.
 template <typename T, Activation A>
-FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T* dz, T* gb) {
+FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T* dz, T* gb, const T* gout_end,
+                              const T* act_end) {
   constexpr int W = kWidth<T>;
-  const int64_t q = g.k - 1, conv_w = 2 * g.wo;
+  const int64_t q = g.k - 1, conv_w = 2 * g.wo, tail = conv_w % W;
+  IntVec<T> tail_lanes;
+  for (int l = 0; l < W; ++l) tail_lanes[l] = l < tail ? -1 : 0;
+  const Vec<T> zero{};
   for (int64_t o = 0; o < g.o; ++o) {
     Vec<T> vsum{};
     T ssum = 0;
@@ -410,12 +423,22 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
       const T* grow = gout + (o * g.ho + i / 2) * g.wo;
       const T* arow = A == Activation::Identity ? nullptr : act + (o * 2 * g.ho + i) * conv_w;
       T* drow = dz + (o * g.dh + q + i) * g.dw + q;
-      int64_t j = 0;
-      for (; j + W <= conv_w; j += W) {
+      auto dz_vector = [&](int64_t j) FASTMNIST_LAMBDA_INLINE {
         Vec<T> gv = load_doubled<T>(grow + j / 2, std::make_index_sequence<W>{}) * T(0.25);
         if constexpr (A != Activation::Identity) gv *= cpu::vgrad_from_output<A, T>(cpu::load<T>(arow + j), T(0));
+        return gv;
+      };
+      int64_t j = 0;
+      for (; j + W <= conv_w; j += W) {
+        const Vec<T> gv = dz_vector(j);
         cpu::store(drow + j, gv);
         vsum += gv;
+      }
+      if (tail > 0 && grow + j / 2 + W / 2 <= gout_end && (arow == nullptr || arow + j + W <= act_end)) {
+        const Vec<T> gv = tail_lanes ? dz_vector(j) : zero;
+        cpu::store(drow + j, gv);  // inside the dz row: dw >= q + dcols
+        vsum += gv;
+        j = conv_w;
       }
       for (; j < conv_w; ++j) {
         T d = T(0.25) * grow[j / 2];
@@ -428,13 +451,37 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
   }
 }
 
+// Lanes S .. S + W - 1 of the 2W values (lo, hi): the row vector starting S elements after lo's (one valignd
+// at 64 bytes).
+template <typename T, int S, std::size_t... I>
+FASTMNIST_INLINE Vec<T> shifted(Vec<T> lo, Vec<T> hi, std::index_sequence<I...>) {
+  return __builtin_shufflevector(lo, hi, (I + S)...);
+}
+
+// acc[o][B] += dv[o] * (the x row shifted by B taps), for one tap B and for all the taps B...
+template <typename T, int OB, int KB, int B>
+FASTMNIST_INLINE void tap_product(Vec<T> (&acc)[OB][KB], const Vec<T> (&dv)[OB], Vec<T> lo, Vec<T> hi) {
+  const Vec<T> xv = shifted<T, B>(lo, hi, std::make_index_sequence<kWidth<T>>{});
+#pragma GCC unroll 16
+  for (int o = 0; o < OB; ++o) acc[o][B] += dv[o] * xv;
+}
+template <typename T, int OB, int KB, int... B>
+FASTMNIST_INLINE void tap_products(Vec<T> (&acc)[OB][KB], const Vec<T> (&dv)[OB], Vec<T> lo, Vec<T> hi,
+                                   std::integer_sequence<int, B...>) {
+  (tap_product<T, OB, KB, B>(acc, dv, lo, hi), ...);
+}
+
 // gwv[o][c][ky][kx][:] += lane sums over i, j of dz[o][i][j] * x_pad[c][i + ky][j + kx] for OB output channels
 // and KB taps (the W lanes of each weight's vector partial are added up once per chunk, not per sample)
-// kx0 .. kx0 + KB - 1 of one (c, ky).
+// kx0 .. kx0 + KB - 1 of one (c, ky). With several taps (KB <= W + 1) the row vectors x[j + b] are lane shifts of
+// two loads, x[j .. j + W) and x[j + W .. j + 2W): one load per tap, unaligned and so split across two cache lines
+// at 64 bytes, was the tile's bottleneck, and GCC folded each into every FMA that used it (OB loads per tap).
+// The second load reads up to W elements past the row's last tap: the buffer has that slack (kRowSlack).
 template <typename T, int OB, int KB>
 FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometry& g, int64_t o0, int64_t c,
                                        int64_t ky, int64_t kx0, T* gwv) {
   constexpr int W = kWidth<T>;
+  static_assert(KB == 1 || KB <= W + 1, "taps are lane shifts of two vectors");
   const int64_t q = g.k - 1;
   Vec<T> acc[OB][KB] = {};
   for (int64_t i = 0; i < 2 * g.ho; ++i) {
@@ -446,11 +493,13 @@ FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometr
       Vec<T> dv[OB];
 #pragma GCC unroll 16
       for (int o = 0; o < OB; ++o) dv[o] = cpu::load<T>(dr[o] + j);
+      if constexpr (KB == 1) {
+        const Vec<T> xv = cpu::load<T>(xr + j);
 #pragma GCC unroll 16
-      for (int b = 0; b < KB; ++b) {
-        const Vec<T> xv = cpu::load<T>(xr + j + b);
-#pragma GCC unroll 16
-        for (int o = 0; o < OB; ++o) acc[o][b] += dv[o] * xv;
+        for (int o = 0; o < OB; ++o) acc[o][0] += dv[o] * xv;
+      } else {
+        tap_products<T, OB, KB>(acc, dv, cpu::load<T>(xr + j), cpu::load<T>(xr + j + W),
+                                std::make_integer_sequence<int, KB>{});
       }
     }
   }
@@ -586,7 +635,8 @@ struct ConvActPoolBackward {
     if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
     const int64_t out_numel = g.o * g.ho * g.wo;
     for (int64_t n = n0; n < n1; ++n) {
-      form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb);
+      form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb,
+                    gout + g.n * out_numel, act != nullptr ? act + g.n * 4 * out_numel : nullptr);
       if (gw != nullptr) {
         fill_padded<T>(x + n * g.sxn, g, xbuf);
         if (g.chan) {
@@ -712,7 +762,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
         with_kernel_size(geo.k, [&](auto ks) {
           constexpr int KS = decltype(ks)::value;
           at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-            std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw : 0, scalar_t(0));
+            std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw + kRowSlack<scalar_t> : 0, scalar_t(0));
             std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
             std::vector<scalar_t> dzcl(need_w && geo.chan ? 4 * geo.ho * geo.wo * geo.op : 0, scalar_t(0));
             std::vector<scalar_t> gwv(need_w ? wsize * kWidth<scalar_t> : 0);

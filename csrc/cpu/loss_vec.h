@@ -8,15 +8,6 @@
 #include <limits>
 #include <utility>
 
-// For lambdas inside kernels: they must be inlined into the AVX2-compiled caller (a lambda is compiled for the
-// baseline target, and passing 32-byte vectors between the two would not even agree on the ABI). In the 64-byte
-// build they carry the AVX-512 target, as FASTMNIST_INLINE does (see simd.h).
-#if FASTMNIST_VEC_BYTES == 64
-#define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline)) FASTMNIST_TARGET_AVX512
-#else
-#define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline))
-#endif
-
 namespace fastmnist::cpu {
 inline namespace FASTMNIST_VEC_NS {  // see simd.h
 

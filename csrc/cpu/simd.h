@@ -47,10 +47,15 @@
 // Kernel-level functions (always inlined into run_kernel's entry points). In the 64-byte build they are AVX-512
 // functions, so that they may use AVX-512 intrinsics where the generic vector code compiles badly; the compiler
 // then refuses any call to them from code compiled for the baseline.
+// For lambdas inside kernels, FASTMNIST_LAMBDA_INLINE: they must be inlined into the caller compiled for the
+// path (a lambda is compiled for the baseline target, and passing 32-byte vectors between the two would not even
+// agree on the ABI).
 #if FASTMNIST_VEC_BYTES == 64
 #define FASTMNIST_INLINE inline __attribute__((always_inline)) FASTMNIST_TARGET_AVX512
+#define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline)) FASTMNIST_TARGET_AVX512
 #else
 #define FASTMNIST_INLINE inline __attribute__((always_inline))
+#define FASTMNIST_LAMBDA_INLINE __attribute__((always_inline))
 #endif
 
 namespace fastmnist::cpu {
