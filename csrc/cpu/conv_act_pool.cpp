@@ -413,8 +413,7 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
                               const T* act_end) {
   constexpr int W = kWidth<T>;
   const int64_t q = g.k - 1, conv_w = 2 * g.wo, tail = conv_w % W;
-  IntVec<T> tail_lanes;
-  for (int l = 0; l < W; ++l) tail_lanes[l] = l < tail ? -1 : 0;
+  const IntVec<T> tail_lanes = cpu::lane_mask<T>(tail);
   const Vec<T> zero{};
   for (int64_t o = 0; o < g.o; ++o) {
     Vec<T> vsum{};

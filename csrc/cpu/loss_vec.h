@@ -96,14 +96,6 @@ FASTMNIST_INLINE Vec<T> vsoftplus(Vec<T> z) {
   return m + vlog1p_unit<T>(vexp0<T>(-a));
 }
 
-// Lanes [0, n) true.
-template <typename T>
-FASTMNIST_INLINE IntVec<T> lane_mask(int64_t n) {
-  IntVec<T> m;
-  for (int i = 0; i < kWidth<T>; ++i) m[i] = i < n ? -1 : 0;
-  return m;
-}
-
 // The first n < kWidth elements of p, the other lanes `fill`.
 template <typename T>
 FASTMNIST_INLINE Vec<T> load_partial(const T* p, int64_t n, T fill) {

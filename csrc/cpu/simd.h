@@ -95,6 +95,14 @@ template <typename T>
 FASTMNIST_INLINE Vec<T> broadcast(T x) {
   return Vec<T>{} + x;
 }
+// Lanes [0, n) true.
+template <typename T>
+FASTMNIST_INLINE IntVec<T> lane_mask(int64_t n) {
+  IntVec<T> m;
+  for (int i = 0; i < kWidth<T>; ++i) m[i] = i < n ? -1 : 0;
+  return m;
+}
+
 template <typename T>
 FASTMNIST_INLINE T reduce_add(Vec<T> v) {
   T s = 0;
