@@ -89,12 +89,18 @@ def extensions():
             log("TORCH_CUDA_ARCH_LIST unset and no GPU visible: building for 8.0;9.0")
     debug = os.environ.get("FASTMNIST_DEBUG") == "1"
     sanitize = os.environ.get("FASTMNIST_SANITIZE") == "1"
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
+    # FASTMNIST_CPU_OPT=0 builds the C++ kernels at -O0 (the LeNet block's file: ~25 s instead of ~5 min), for
+    # builds in which they only serve as the CUDA tests' reference (tools/gpu_verify.sh on a lent GPU machine).
+    cpu_opt = os.environ.get("FASTMNIST_CPU_OPT", "3")
+    if cpu_opt not in ("0", "1", "2", "3"):
+        sys.exit(f"fastmnist build: FASTMNIST_CPU_OPT must be 0, 1, 2 or 3, got {cpu_opt!r}")
+    # -O0 under the sanitizers: at -O1 the LeNet kernels' template variants take over 15 CPU-minutes to build
+    optimization = "-O0" if sanitize else "-O1" if debug else f"-O{cpu_opt}"
+    cxx_flags = [optimization, "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
+                 "-Wno-psabi"]
     link_flags = ["-fopenmp"]
     if debug or sanitize:
-        # -O0 under the sanitizers: at -O1 the LeNet kernels' template variants take over 15 CPU-minutes to build
-        cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O0" if sanitize else "-O1", "-g",
-                                                            "-fno-omit-frame-pointer"]
+        cxx_flags += ["-g", "-fno-omit-frame-pointer"]
     if sanitize:
         cxx_flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
         link_flags += ["-fsanitize=address,undefined"]
