@@ -127,6 +127,21 @@ def test_parity_float64(name, options, optimizer):
     assert_state_parity(fused_opt, eager_opt, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "sgd-nesterov-wd", "adam-wd", "adamw"])
+@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
+def test_parity_batch_one(name, options, optimizer, dtype):
+    """At batch 1 a linear layer's weight gradient is an outer product, formed inside the optimizer update."""
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
+    batches = make_batches(name, options, dtype, count=7, batch=1)
+    for i in range(STEPS):
+        x, y = batches[i % len(batches)]
+        step(x, y)
+        eager_step(eager, eager_loss, eager_opt, x, y)
+    assert_parity(fused, eager, dtype)
+    assert_state_parity(fused_opt, eager_opt, dtype)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
 def test_mixing_fused_and_eager_steps_with_state_save_and_load(optimizer):
     """Alternate fused and eager steps on one model; save the optimizer state midway and load it into a fresh

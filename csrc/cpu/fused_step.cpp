@@ -385,8 +385,12 @@ class FusedStep : public torch::CustomClassHolder {
             at::Tensor grad_in2d = grad_in.view({in.size(0), -1});
             at::mm_out(grad_in2d, g, layer.weight);
           }
-          linear_grad_weight_into(ws.param_grads[pw], g, in2d);
-          update(pw, ws.param_grads[pw], lr);
+          if (in2d.size(0) == 1) {
+            update_rows(pw, in2d, g, lr);  // batch 1: grad_W[o, k] = g[0, o] x[0, k], formed in the update
+          } else {
+            linear_grad_weight_into(ws.param_grads[pw], g, in2d);
+            update(pw, ws.param_grads[pw], lr);
+          }
           if (layer.bias.defined()) update(pw + 1, grad_bias, lr);
           break;
         }
@@ -454,19 +458,25 @@ class FusedStep : public torch::CustomClassHolder {
 
   // The optimizer update of parameter `index` with gradient `grad` (cpu/optimizer_update.h), in chunks of
   // kGrain elements: only parameters of several chunks are split across threads.
-  void update(size_t index, const at::Tensor& grad, double lr) {
+  void update(size_t index, const at::Tensor& grad, double lr) { update_rows(index, grad, at::Tensor(), lr); }
+
+  // The same with the gradient g[i % cols] * scale[i / cols] (cols = g.numel()): a batch-1 linear layer's
+  // weight gradient, the outer product of the output gradient (scale) and the input row (g), formed in the
+  // update's own pass instead of written by a GEMM and read back.
+  void update_rows(size_t index, const at::Tensor& g, const at::Tensor& scale, double lr) {
     at::Tensor& param = params_[index];
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_step_update", [&] {
       using T = scalar_t;
       T* p = param.mutable_data_ptr<T>();
-      const T* g = grad.const_data_ptr<T>();
+      const cpu::GradRows<T> grad{g.const_data_ptr<T>(), scale.defined() ? scale.const_data_ptr<T>() : nullptr,
+                                  g.numel()};
       const int64_t n = param.numel();
       if (optimizer_ == OptimizerKind::SGD) {
         const cpu::SgdArgs<T> args{static_cast<T>(lr), static_cast<T>(weight_decay_), static_cast<T>(momentum_),
                                    static_cast<T>(1 - dampening_), nesterov_, fresh_momentum_};
         T* buf = momentum_ != 0 ? state_[index].mutable_data_ptr<T>() : nullptr;
         at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-          cpu::run_kernel<cpu::SgdUpdate<T>>(p + i0, g + i0, buf ? buf + i0 : nullptr, i1 - i0, args);
+          cpu::run_kernel<cpu::SgdUpdate<T>>(p, grad, buf, i0, i1, args);
         });
         return;
       }
@@ -480,7 +490,7 @@ class FusedStep : public torch::CustomClassHolder {
       T* v = state_[3 * index + 2].mutable_data_ptr<T>();
       // a square root and a division per element: 784x200 weights (~300 us on one core) are worth two threads
       at::parallel_for(0, n, kGrain / 8, [&](int64_t i0, int64_t i1) {
-        cpu::run_kernel<cpu::AdamUpdate<T>>(p + i0, g + i0, m + i0, v + i0, i1 - i0, args);
+        cpu::run_kernel<cpu::AdamUpdate<T>>(p, grad, m, v, i0, i1, args);
       });
     });
   }

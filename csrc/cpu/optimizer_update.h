@@ -5,6 +5,8 @@
 // A tail shorter than a vector goes through the same code on a padded copy, so every element sees one formula.
 #pragma once
 
+#include <algorithm>
+
 #include "cpu/simd.h"
 
 namespace fastmnist::cpu {
@@ -26,25 +28,46 @@ struct AdamArgs {
   bool decoupled;           // AdamW's decoupled weight decay
 };
 
-// Runs Block::apply on every kWidth<T> elements of p[0, n) and the arrays beside it (nullptr: absent).
+// The gradient as the updates read it: element i of a parameter stored as rows of `cols` elements is
+// g[i % cols] * scale[i / cols]. A plain gradient is one row (scale null: no product). A batch-1 linear layer's
+// weight gradient, the outer product gz^T x, is rows of x scaled by gz: each element is the one product that a
+// GEMM would form, so the numbers are the same, and the gradient is never written to memory.
+template <typename T>
+struct GradRows {
+  const T* g;
+  const T* scale;
+  int64_t cols;
+};
+
+// Runs Block::apply on elements [i0, i1) of p and the arrays beside it (nullptr: absent), kWidth<T> elements at
+// a time within each row; a row's tail goes through the same code on a padded copy.
 template <typename T, typename Block, typename Args>
-FASTMNIST_INLINE void update_blocks(T* p, const T* g, T* s1, T* s2, int64_t n, const Args& args) {
+FASTMNIST_INLINE void update_blocks(T* p, GradRows<T> grad, T* s1, T* s2, int64_t i0, int64_t i1,
+                                    const Args& args) {
   constexpr int W = kWidth<T>;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) Block::apply(p + i, g + i, s1 ? s1 + i : nullptr, s2 ? s2 + i : nullptr, args);
-  if (i == n) return;
-  const int64_t rest = n - i;
-  T tp[W] = {}, tg[W] = {}, t1[W] = {}, t2[W] = {};
-  for (int64_t j = 0; j < rest; ++j) {
-    tp[j] = p[i + j], tg[j] = g[i + j];
-    if (s1) t1[j] = s1[i + j];
-    if (s2) t2[j] = s2[i + j];
-  }
-  Block::apply(tp, tg, s1 ? t1 : nullptr, s2 ? t2 : nullptr, args);
-  for (int64_t j = 0; j < rest; ++j) {
-    p[i + j] = tp[j];
-    if (s1) s1[i + j] = t1[j];
-    if (s2) s2[i + j] = t2[j];
+  for (int64_t i = i0; i < i1;) {
+    const int64_t row = i / grad.cols, end = std::min(i1, (row + 1) * grad.cols);
+    const T* g = grad.g + (i - row * grad.cols);
+    auto gradient = [&](const T* gv) FASTMNIST_LAMBDA_INLINE {
+      return grad.scale != nullptr ? load<T>(gv) * grad.scale[row] : load<T>(gv);
+    };
+    for (; i + W <= end; i += W, g += W)
+      Block::apply(p + i, gradient(g), s1 ? s1 + i : nullptr, s2 ? s2 + i : nullptr, args);
+    if (i == end) continue;
+    const int64_t rest = end - i;
+    T tp[W] = {}, tg[W] = {}, t1[W] = {}, t2[W] = {};
+    for (int64_t j = 0; j < rest; ++j) {
+      tp[j] = p[i + j], tg[j] = g[j];
+      if (s1) t1[j] = s1[i + j];
+      if (s2) t2[j] = s2[i + j];
+    }
+    Block::apply(tp, gradient(tg), s1 ? t1 : nullptr, s2 ? t2 : nullptr, args);
+    for (int64_t j = 0; j < rest; ++j) {
+      p[i + j] = tp[j];
+      if (s1) s1[i + j] = t1[j];
+      if (s2) s2[i + j] = t2[j];
+    }
+    i = end;
   }
 }
 
@@ -52,9 +75,8 @@ FASTMNIST_INLINE void update_blocks(T* p, const T* g, T* s1, T* s2, int64_t n, c
 // p -= lr d. `buf` is nullptr without momentum.
 template <typename T>
 struct SgdBlock {
-  static FASTMNIST_INLINE void apply(T* p, const T* g, T* buf, T*, const SgdArgs<T>& a) {
+  static FASTMNIST_INLINE void apply(T* p, Vec<T> d, T* buf, T*, const SgdArgs<T>& a) {
     const Vec<T> param = load<T>(p);
-    Vec<T> d = load<T>(g);
     if (a.weight_decay != T(0)) d = d + param * a.weight_decay;
     if (buf != nullptr) {
       const Vec<T> b = a.fresh ? d : load<T>(buf) * a.momentum + d * a.one_minus_dampening;
@@ -69,9 +91,8 @@ struct SgdBlock {
 // p -= step_size m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
 template <typename T>
 struct AdamBlock {
-  static FASTMNIST_INLINE void apply(T* p, const T* g, T* m, T* v, const AdamArgs<T>& a) {
+  static FASTMNIST_INLINE void apply(T* p, Vec<T> d, T* m, T* v, const AdamArgs<T>& a) {
     Vec<T> param = load<T>(p);
-    Vec<T> d = load<T>(g);
     if (a.weight_decay != T(0)) {
       if (a.decoupled) param = param * a.decay;
       else d = d + param * a.weight_decay;
@@ -90,15 +111,15 @@ struct AdamBlock {
 
 template <typename T>
 struct SgdUpdate {
-  static FASTMNIST_INLINE void run(T* p, const T* g, T* buf, int64_t n, SgdArgs<T> args) {
-    update_blocks<T, SgdBlock<T>>(p, g, buf, nullptr, n, args);
+  static FASTMNIST_INLINE void run(T* p, GradRows<T> g, T* buf, int64_t i0, int64_t i1, SgdArgs<T> args) {
+    update_blocks<T, SgdBlock<T>>(p, g, buf, nullptr, i0, i1, args);
   }
 };
 
 template <typename T>
 struct AdamUpdate {
-  static FASTMNIST_INLINE void run(T* p, const T* g, T* m, T* v, int64_t n, AdamArgs<T> args) {
-    update_blocks<T, AdamBlock<T>>(p, g, m, v, n, args);
+  static FASTMNIST_INLINE void run(T* p, GradRows<T> g, T* m, T* v, int64_t i0, int64_t i1, AdamArgs<T> args) {
+    update_blocks<T, AdamBlock<T>>(p, g, m, v, i0, i1, args);
   }
 };
 
