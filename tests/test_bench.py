@@ -1,5 +1,5 @@
 """`fastmnist bench --quick` produces its three result files, and the harness times on the threads it stamps
-(the timings themselves are not tested)."""
+(the timings themselves are not tested), and the stamp names the CPU precisely."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fastmnist import cli
-from fastmnist.bench.harness import Case, run_case, stamp
+from fastmnist.bench.harness import Case, cpu_model, run_case, stamp
 
 
 def test_bench_quick_writes_json_table_and_chart(tmp_path):
@@ -41,3 +41,13 @@ def test_timings_run_on_the_stamped_thread_count(threads):
         torch.set_num_threads(before)
     assert stamped == threads
     assert seen and set(seen) == {threads}
+
+
+def test_cpu_model_names_family_model_and_vectors(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
+                    "cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert cpu_model(str(info)) == "AMD EPYC (family 25, model 1, avx2)"
+    info.write_text("model name\t: Some CPU\nflags\t\t: sse2 avx512f avx2\n")
+    assert cpu_model(str(info)) == "Some CPU (avx512f)"

@@ -39,14 +39,22 @@ class Case:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's name, with its family and model numbers and widest vector extension where /proc/cpuinfo has
+    them: virtual machines often name every AMD EPYC generation alike, and the ratios differ between them."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        name = fields["model name"]
+        flags = set(fields.get("flags", "").split())
+        vectors = next((isa for isa in ("avx512f", "avx2") if isa in flags), "no avx2")
+        if "cpu family" in fields and "model" in fields:
+            return f"{name} (family {fields['cpu family']}, model {fields['model']}, {vectors})"
+        return f"{name} ({vectors})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:
