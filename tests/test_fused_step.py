@@ -97,12 +97,11 @@ def assert_state_parity(fused_opt, eager_opt, dtype):
                 assert error.item() <= STATE_PARITY[dtype], f"optimizer state {key}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
-def test_parity_float32(name, options, optimizer):
-    dtype = torch.float32
+def assert_trains_like_eager(name, options, optimizer, dtype, batch=8, count=4):
+    """STEPS fused and eager steps from the same weights over the same `count` batches: the first losses agree,
+    and so do the parameters and the optimizer state at the end."""
     fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
-    batches = make_batches(name, options, dtype)
+    batches = make_batches(name, options, dtype, count=count, batch=batch)
     for i in range(STEPS):
         x, y = batches[i % len(batches)]
         loss = step(x, y)
@@ -113,18 +112,16 @@ def test_parity_float32(name, options, optimizer):
     assert_state_parity(fused_opt, eager_opt, dtype)
 
 
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
+def test_parity_float32(name, options, optimizer):
+    assert_trains_like_eager(name, options, optimizer, torch.float32)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd-nesterov-wd", "adam-wd", "adamw"])
 @pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
 def test_parity_float64(name, options, optimizer):
-    dtype = torch.float64
-    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
-    batches = make_batches(name, options, dtype)
-    for i in range(STEPS):
-        x, y = batches[i % len(batches)]
-        step(x, y)
-        eager_step(eager, eager_loss, eager_opt, x, y)
-    assert_parity(fused, eager, dtype)
-    assert_state_parity(fused_opt, eager_opt, dtype)
+    assert_trains_like_eager(name, options, optimizer, torch.float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -132,14 +129,7 @@ def test_parity_float64(name, options, optimizer):
 @pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
 def test_parity_batch_one(name, options, optimizer, dtype):
     """At batch 1 a linear layer's weight gradient is an outer product, formed inside the optimizer update."""
-    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair(name, options, optimizer, dtype)
-    batches = make_batches(name, options, dtype, count=7, batch=1)
-    for i in range(STEPS):
-        x, y = batches[i % len(batches)]
-        step(x, y)
-        eager_step(eager, eager_loss, eager_opt, x, y)
-    assert_parity(fused, eager, dtype)
-    assert_state_parity(fused_opt, eager_opt, dtype)
+    assert_trains_like_eager(name, options, optimizer, dtype, batch=1, count=7)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
