@@ -4,7 +4,7 @@
 #   1. build the extension in place with the CUDA kernels (setup.py build_ext --inplace, objects in build/gpu,
 #      so that a second run on the same machine only recompiles what changed). The C++ kernels, only the CUDA
 #      tests' reference here, are built at -O0 (FASTMNIST_CPU_OPT=0): at -O3 the LeNet block's file alone took
-#      over 6 minutes on the H200 machine's CPU (2026-12-04), the CUDA files under 6 minutes all together,
+#      over 6 minutes on the H200 machine's CPU (2026-12-04), the CUDA files under 6 minutes all together;
 #   2. run tests/test_cuda.py,
 #   3. run the CUDA op tests under compute-sanitizer memcheck and racecheck, with PyTorch's caching allocator off
 #      (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that out-of-bounds accesses hit unallocated memory,
@@ -30,7 +30,12 @@ step() {  # name, time limit in seconds, command...: runs it with its output in 
   [[ " $STEPS " == *" $name "* ]] || return 0
   local start=$(date +%s)
   echo "== $name (limit ${limit} s): $*"
-  if timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1; then RESULT[$name]="ok"; else RESULT[$name]="FAILED (rc $?)"; FAILED=1; fi
+  if timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1; then
+    RESULT[$name]="ok"
+  else
+    RESULT[$name]="FAILED (rc $?)"
+    FAILED=1
+  fi
   RESULT[$name]+=" in $(( $(date +%s) - start )) s"
   echo "   ${RESULT[$name]}; tail of $LOGS/$name.log:"
   tail -n 8 "$LOGS/$name.log" | sed 's/^/   | /'
@@ -58,9 +63,9 @@ SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr
 # subprocess test (a deliberate device-side assert), torch.compile, opcheck, nor the second GPU.
 SELECT=(tests/test_cuda.py -q -k "cuda:0 and not float64 and not asserts_on_device and not compile and not opcheck")
 for tool in memcheck racecheck; do
-  extra=()
-  [[ $tool == memcheck ]] && extra=(--leak-check no)
-  step "sanitizer_$tool" "$([[ $tool == memcheck ]] && echo 150 || echo 120)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  extra=() limit=120
+  [[ $tool == memcheck ]] && extra=(--leak-check no) limit=150
+  step "sanitizer_$tool" "$limit" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool "$tool" "${extra[@]}" --error-exitcode 99 --print-limit 50 \
     "$PYTHON" -m pytest "${SELECT[@]}"
 done
