@@ -39,7 +39,8 @@ def cases(device):
     out = []
     for backward in (False, True):
         for batch in (64, 256):
-            for (label, c_in, c_out, size, pad) in (("conv1 1->6 28x28", 1, 6, 28, 2), ("conv2 6->16 14x14", 6, 16, 14, 0)):
+            for label, c_in, c_out, size, pad in (("conv1 1->6 28x28", 1, 6, 28, 2),
+                                                  ("conv2 6->16 14x14", 6, 16, 14, 0)):
                 x = torch.randn(batch, c_in, size, size, device=device)
                 w = torch.randn(c_out, c_in, 5, 5, device=device) / (c_in * 25) ** 0.5
                 b = torch.randn(c_out, device=device)

@@ -460,16 +460,16 @@ class FusedStep : public torch::CustomClassHolder {
   // kGrain elements: only parameters of several chunks are split across threads.
   void update(size_t index, const at::Tensor& grad, double lr) { update_rows(index, grad, at::Tensor(), lr); }
 
-  // The same with the gradient g[i % cols] * scale[i / cols] (cols = g.numel()): a batch-1 linear layer's
-  // weight gradient, the outer product of the output gradient (scale) and the input row (g), formed in the
+  // The same with the gradient row[i % cols] * row_scale[i / cols] (cols = row.numel()): a batch-1 linear layer's
+  // weight gradient, the outer product of the output gradient (row_scale) and the input row, formed in the
   // update's own pass instead of written by a GEMM and read back.
-  void update_rows(size_t index, const at::Tensor& g, const at::Tensor& scale, double lr) {
+  void update_rows(size_t index, const at::Tensor& row, const at::Tensor& row_scale, double lr) {
     at::Tensor& param = params_[index];
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fused_step_update", [&] {
       using T = scalar_t;
       T* p = param.mutable_data_ptr<T>();
-      const cpu::GradRows<T> grad{g.const_data_ptr<T>(), scale.defined() ? scale.const_data_ptr<T>() : nullptr,
-                                  g.numel()};
+      const cpu::GradRows<T> grad{row.const_data_ptr<T>(),
+                                  row_scale.defined() ? row_scale.const_data_ptr<T>() : nullptr, row.numel()};
       const int64_t n = param.numel();
       if (optimizer_ == OptimizerKind::SGD) {
         const cpu::SgdArgs<T> args{static_cast<T>(lr), static_cast<T>(weight_decay_), static_cast<T>(momentum_),
