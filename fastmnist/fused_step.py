@@ -4,6 +4,12 @@
     for x, target in batches:
         loss = step(x, target)          # a Python float; step.logits holds the batch's logits
 
+or, with the whole data set as two tensors and the batch as their rows `idx` (a shuffled epoch):
+
+        loss = step(x_all, target_all, index=idx)
+
+which gathers the batch inside the step (a softmax-regression model reads the rows in place, no copy).
+
 The step updates the model's own parameter tensors in place and keeps the optimizer's state in torch.optim's
 format (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``), so fused steps, eager steps,
 ``optimizer.state_dict()`` / ``load_state_dict()`` and learning-rate schedulers mix freely. It does not fill
@@ -171,11 +177,11 @@ class FusedStep:
         self._impl.set_state(tensors, fresh)
         self._state_key = (id(state), tuple(map(id, tensors)))
 
-    def __call__(self, x, target):
+    def __call__(self, x, target, index=None):
         group = self.optimizer.param_groups[0]
         self._sync_hyperparameters(group)
         self._sync_state(group)
-        loss = self._impl.step(x, target, float(group["lr"]))
+        loss = self._impl.step(x, target, index, float(group["lr"]))
         # an optimizer step happened: tell a learning-rate scheduler (it checks this flag to warn about
         # schedulers stepped before any optimizer step)
         self.optimizer._opt_called = True
@@ -183,7 +189,8 @@ class FusedStep:
 
 
 def fused_step(model, loss_fn, optimizer):
-    """A callable ``step(x, target) -> loss`` that runs one training step of `model` in one call into C++.
+    """A callable ``step(x, target, index=None) -> loss`` that runs one training step of `model` in one call
+    into C++; with `index` (1-D int64), the batch is rows `index` of x and target.
 
     model: fastmnist layers (FusedLinear, ConvActPool2d, Flatten, LayerNorm) in an nn.Sequential (or one of
     fastmnist.models with backend="fused"); loss_fn: SoftmaxCrossEntropyLoss / nn.CrossEntropyLoss,

@@ -268,3 +268,52 @@ def test_rejects_bad_batches():
         step(x.double(), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(RuntimeError, match="expects 784 input features"):
         step(torch.rand(4, 1, 20, 20), torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 7, 16])
+@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
+def test_indexed_step_equals_the_gathered_batch(name, options, batch, dtype):
+    """step(x_all, target_all, index=idx) gathers inside the step (softmax regression reads the rows in place):
+    the same losses and parameters, bit for bit, as step(x_all[idx], target_all[idx])."""
+    (x_all, y_all), = make_batches(name, options, dtype, count=1, batch=40)
+    gen = torch.Generator().manual_seed(2)
+    indices = [torch.randint(0, 40, (batch,), generator=gen) for _ in range(5)]  # unsorted, with repeats
+    indices.append(torch.arange(2 * batch, 0, -1)[::2] - 1)  # a non-contiguous index
+    gathered = make_pair(name, options, "sgd-momentum", dtype)
+    indexed = make_pair(name, options, "sgd-momentum", dtype)
+    for idx in indices:
+        loss = gathered[2](x_all.index_select(0, idx), y_all.index_select(0, idx))
+        assert indexed[2](x_all, y_all, index=idx) == loss
+        assert torch.equal(indexed[2].logits, gathered[2].logits)
+    for (name_, p_gathered), p_indexed in zip(gathered[0].named_parameters(), indexed[0].parameters()):
+        assert torch.equal(p_gathered, p_indexed), name_
+
+
+@pytest.mark.parametrize("name", ["softmax", "mlp"])  # the batch read in place, and gathered into a buffer
+def test_rejects_bad_indices(name):
+    model = models.create_model(name, "fused")
+    step = fastmnist.fused_step(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (6, -1):
+        with pytest.raises(RuntimeError, match=rf"index out of range: index\[1\] = {bad}, x has 6 rows"):
+            step(x, y, index=torch.tensor([0, bad, 2]))
+    with pytest.raises(RuntimeError, match="index must be a 1-D int64 CPU tensor"):
+        step(x, y, index=torch.tensor([0.0, 1.0]))
+    with pytest.raises(RuntimeError, match="index must be a 1-D int64 CPU tensor"):
+        step(x, y, index=torch.tensor([[0, 1]]))
+    with pytest.raises(RuntimeError, match="index selects no rows"):
+        step(x, y, index=torch.tensor([], dtype=torch.long))
+    with pytest.raises(RuntimeError, match="x .all rows. must be contiguous"):
+        step(x.transpose(2, 3), y, index=torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="the same number of rows, got 6 and"):
+        step(x, y[:5], index=torch.tensor([0, 1]))
+    with pytest.raises(IndexError, match="target 10 is out of bounds"):
+        step(x, torch.tensor([0, 10, 0, 0, 0, 0]), index=torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="int64 class indices"):
+        step(x, y.float(), index=torch.tensor([0, 1]))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())), \
+        "a refused step must not touch the parameters"
+    step(x, y, index=torch.tensor([0, 1]))  # and the step still runs after the errors
+    assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))

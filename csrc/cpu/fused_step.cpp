@@ -84,6 +84,7 @@ struct Workspace {
   std::vector<at::Tensor> saved;        // conv_act_pool: the activation output its backward needs
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
   at::Tensor loss_rows, row_sums;       // per-row loss; cross-entropy's log-sum-exp or BCE's loss sums
+  at::Tensor batch, batch_target;       // an indexed step's gathered input (when not read in place) and targets
 };
 
 // Elements per task in the optimizer updates. A parallel region costs microseconds on a quiet machine and
@@ -143,8 +144,10 @@ class FusedStep : public torch::CustomClassHolder {
 
   at::Tensor logits() const { return logits_; }
 
-  // One training step on the batch (x, target) with learning rate lr; returns the loss.
-  double step(at::Tensor x, at::Tensor target, double lr) {
+  // One training step with learning rate lr; returns the loss. The batch is (x, target), or, with an index,
+  // the rows index of the whole tensors (x, target): gathered inside the step, and where the first layer
+  // with parameters is a small-output linear layer (softmax regression), read by it in place, never copied.
+  double step(at::Tensor x, at::Tensor target, std::optional<at::Tensor> index, double lr) {
     TORCH_CHECK(optimizer_ != OptimizerKind::None, "FusedStep: no optimizer set");
     TORCH_CHECK(!layers_.empty(), "FusedStep: no layers");
     TORCH_CHECK(x.scalar_type() == dtype_, "fused_step: x must have the model's dtype ", dtype_, ", got ",
@@ -153,14 +156,31 @@ class FusedStep : public torch::CustomClassHolder {
     TORCH_CHECK(x.dim() >= 2, "fused_step: x must be a batch (N, ...), got shape ", x.sizes());
     // Plain kernels below the autograd layer: the step is its own backward.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::Tensor input = x.contiguous();
-    Workspace& ws = workspace_for(input);
-    forward(input, ws);
+    std::vector<int64_t> batch_shape = x.sizes().vec();
+    if (index.has_value()) {
+      check_index(*index, x, target);
+      batch_shape[0] = index->size(0);
+    }
+    Workspace& ws = workspace_for(batch_shape, x.options());
+    at::Tensor input = index.has_value() ? x : x.contiguous(), rows;
+    if (index.has_value()) {
+      if (gathers_in_place() && index->size(0) > 1) {
+        rows = index->contiguous();
+      } else {
+        at::index_select_out(ws.batch, x, 0, *index);
+        input = ws.batch;
+      }
+      if (!ws.batch_target.defined() || ws.batch_target.scalar_type() != target.scalar_type())
+        ws.batch_target = at::empty({0}, target.options());
+      at::index_select_out(ws.batch_target, target, 0, *index);
+      target = ws.batch_target;
+    }
+    forward(input, rows, ws);
     const at::Tensor& out = ws.outputs.back();
     TORCH_CHECK(out.dim() == 2, "fused_step: the model must end in (N, classes) logits, got ", out.sizes());
     logits_ = out;
     const double loss = loss_and_grad(out, target, ws.grads.back(), ws);
-    backward(input, lr, ws);
+    backward(input, rows, lr, ws);
     fresh_momentum_ = false;
     // parameters and optimizer state changed in place: bump their version counters as an in-place op would
     for (at::Tensor& p : params_) p.unsafeGetTensorImpl()->bump_version();
@@ -183,13 +203,43 @@ class FusedStep : public torch::CustomClassHolder {
     workspaces_.clear();
   }
 
-  Workspace& workspace_for(const at::Tensor& x) {
-    auto found = workspaces_.find(x.sizes().vec());
+  // An indexed step's checks: index selects rows of the whole tensors x and target, which stay in place.
+  static void check_index(const at::Tensor& index, const at::Tensor& x, const at::Tensor& target) {
+    TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.device().is_cpu(),
+                "fused_step: index must be a 1-D int64 CPU tensor of row numbers, got ", index.scalar_type(), " ",
+                index.sizes(), " on ", index.device());
+    TORCH_CHECK(index.numel() > 0, "fused_step: index selects no rows");
+    TORCH_CHECK(x.is_contiguous(), "fused_step: with an index, x (all rows) must be contiguous; make it so once, "
+                "not per step");
+    TORCH_CHECK(target.dim() >= 1 && target.size(0) == x.size(0), "fused_step: with an index, x and target must "
+                "have the same number of rows, got ", x.size(0), " and ", target.sizes());
+    const at::Tensor idx = index.contiguous();
+    const int64_t* p = idx.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < idx.numel(); ++i) {
+      TORCH_CHECK(p[i] >= 0 && p[i] < x.size(0), "fused_step: index out of range: index[", i, "] = ", p[i],
+                  ", x has ", x.size(0), " rows");
+    }
+  }
+
+  // The layer that reads an indexed batch in place, or -1: the first layer with parameters, when it is a
+  // linear layer with few outputs and only flattens come before it (softmax regression, the two-layer head).
+  int64_t in_place_gather_layer() const {
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      if (layers_[i].kind == LayerKind::Flatten) continue;
+      const bool reads_rows = layers_[i].kind == LayerKind::Linear && linear_gathers_in_place(layers_[i].weight.size(0));
+      return reads_rows ? static_cast<int64_t>(i) : -1;
+    }
+    return -1;
+  }
+  bool gathers_in_place() const { return in_place_gather_layer() >= 0; }
+
+  Workspace& workspace_for(const std::vector<int64_t>& batch_shape, const at::TensorOptions& options) {
+    auto found = workspaces_.find(batch_shape);
     if (found != workspaces_.end()) return found->second;
     Workspace ws;
-    const auto options = x.options();
-    const int64_t rows = x.size(0);
-    at::Tensor a = x;
+    const int64_t rows = batch_shape[0];
+    at::Tensor a = at::empty(batch_shape, options);  // also the buffer an indexed step gathers into
+    ws.batch = a;
     for (const Layer& layer : layers_) {
       at::Tensor out, stats;
       switch (layer.kind) {
@@ -229,18 +279,21 @@ class FusedStep : public torch::CustomClassHolder {
     for (const at::Tensor& p : params_) ws.param_grads.push_back(at::empty_like(p));
     ws.loss_rows = at::empty({rows}, options);
     ws.row_sums = at::empty({rows}, options.dtype(at::kDouble));
-    return workspaces_.emplace(x.sizes().vec(), std::move(ws)).first->second;
+    return workspaces_.emplace(batch_shape, std::move(ws)).first->second;
   }
 
-  void forward(const at::Tensor& x, Workspace& ws) {
+  // x is the batch, or, with rows (an indexed step read in place), all rows: then the flattens before the
+  // layer that reads them are skipped.
+  void forward(const at::Tensor& x, const at::Tensor& rows, Workspace& ws) {
+    const int64_t reader = rows.defined() ? in_place_gather_layer() : -1;
     at::Tensor a = x;
-    for (size_t i = 0; i < layers_.size(); ++i) {
+    for (int64_t i = std::max<int64_t>(reader, 0); i < static_cast<int64_t>(layers_.size()); ++i) {
       const Layer& layer = layers_[i];
       at::Tensor& out = ws.outputs[i];
       switch (layer.kind) {
         case LayerKind::Linear:
           linear_act_forward_into(out, a.view({a.size(0), -1}), layer.weight, layer.bias, layer.activation,
-                                  layer.negative_slope);
+                                  layer.negative_slope, i == reader ? rows : at::Tensor());
           break;
         case LayerKind::Flatten:
           out = a.view(out.sizes());
@@ -357,7 +410,8 @@ class FusedStep : public torch::CustomClassHolder {
     return total;
   }
 
-  void backward(const at::Tensor& x, double lr, Workspace& ws) {
+  void backward(const at::Tensor& x, const at::Tensor& rows, double lr, Workspace& ws) {
+    const int64_t reader = rows.defined() ? in_place_gather_layer() : -1;
     // index of the first parameter of each layer, and whether any layer before i has parameters
     std::vector<size_t> first_param(layers_.size());
     size_t p = 0;
@@ -371,7 +425,7 @@ class FusedStep : public torch::CustomClassHolder {
     for (int64_t i = static_cast<int64_t>(layers_.size()) - 1; i >= 0; --i) {
       if (i < first_with_params) break;  // nothing below needs a gradient
       const Layer& layer = layers_[i];
-      const at::Tensor& in = i > 0 ? ws.outputs[i - 1] : x;
+      const at::Tensor& in = i > 0 && i != reader ? ws.outputs[i - 1] : x;
       at::Tensor& g = ws.grads[i];
       const bool need_input_grad = i > first_with_params;
       at::Tensor grad_in = i > 0 ? ws.grads[i - 1] : at::Tensor();
@@ -385,10 +439,10 @@ class FusedStep : public torch::CustomClassHolder {
             at::Tensor grad_in2d = grad_in.view({in.size(0), -1});
             at::mm_out(grad_in2d, g, layer.weight);
           }
-          if (in2d.size(0) == 1) {
+          if (g.size(0) == 1) {
             update_rows(pw, in2d, g, lr);  // batch 1: grad_W[o, k] = g[0, o] x[0, k], formed in the update
           } else {
-            linear_grad_weight_into(ws.param_grads[pw], g, in2d);
+            linear_grad_weight_into(ws.param_grads[pw], g, in2d, i == reader ? rows : at::Tensor());
             update(pw, ws.param_grads[pw], lr);
           }
           if (layer.bias.defined()) update(pw + 1, grad_bias, lr);

@@ -62,25 +62,43 @@ struct BiasActRows {
   }
 };
 
-// Dot products of R rows of x with C rows of W (all of length k), vectorised along k.
-template <typename T, int R, int C>
-FASTMNIST_INLINE void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw, int64_t k, T out[R][C]) {
+// Row r of a linear layer's input (m, k): x + r * k, or, for a batch gathered from a larger table by the fused
+// step, table row index[r], read in place (no copy of the batch).
+template <typename T>
+struct DenseRows {
+  const T* x;
+  int64_t k;
+  FASTMNIST_INLINE const T* operator()(int64_t r) const { return x + r * k; }
+};
+template <typename T>
+struct GatheredRows {
+  const T* table;
+  const int64_t* index;
+  int64_t k;
+  FASTMNIST_INLINE const T* operator()(int64_t r) const { return table + index[r] * k; }
+};
+
+// Dot products of rows r..r+R-1 of x with C rows of W (all of length k), vectorised along k.
+template <typename T, int R, int C, typename Rows>
+FASTMNIST_INLINE void dot_tile(Rows x, int64_t r, const T* w, int64_t ldw, int64_t k, T out[R][C]) {
   constexpr int W = kWidth<T>;
+  const T* row[R];
+  for (int i = 0; i < R; ++i) row[i] = x(r + i);
   Vec<T> acc[R][C] = {};
   int64_t p = 0;
   for (; p + W <= k; p += W) {
     Vec<T> xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = cpu::load<T>(x + r * ldx + p);
+    for (int i = 0; i < R; ++i) xv[i] = cpu::load<T>(row[i] + p);
     for (int c = 0; c < C; ++c) {
       Vec<T> wv = cpu::load<T>(w + c * ldw + p);
-      for (int r = 0; r < R; ++r) acc[r][c] += xv[r] * wv;
+      for (int i = 0; i < R; ++i) acc[i][c] += xv[i] * wv;
     }
   }
-  for (int r = 0; r < R; ++r) {
+  for (int i = 0; i < R; ++i) {
     for (int c = 0; c < C; ++c) {
-      T s = cpu::reduce_add<T>(acc[r][c]);
-      for (int64_t q = p; q < k; ++q) s += x[r * ldx + q] * w[c * ldw + q];
-      out[r][c] = s;
+      T s = cpu::reduce_add<T>(acc[i][c]);
+      for (int64_t q = p; q < k; ++q) s += row[i][q] * w[c * ldw + q];
+      out[i][c] = s;
     }
   }
 }
@@ -90,24 +108,25 @@ FASTMNIST_INLINE void dot_tile(const T* x, int64_t ldx, const T* w, int64_t ldw,
 // 32-byte vector per cycle (a 1-output tile would be load-bound).
 template <typename T, Activation A>
 struct SmallNLinearAct {
-  template <int R, int C>
-  static FASTMNIST_INLINE void tile(const T* x, const T* w, const T* bias, T* y, int64_t r, int64_t c, int64_t n,
+  template <int R, int C, typename Rows>
+  static FASTMNIST_INLINE void tile(Rows x, const T* w, const T* bias, T* y, int64_t r, int64_t c, int64_t n,
                                     int64_t k, T slope) {
     T out[R][C];
-    dot_tile<T, R, C>(x + r * k, k, w + c * k, k, k, out);
+    dot_tile<T, R, C>(x, r, w + c * k, k, k, out);
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < C; ++j)
         y[(r + i) * n + c + j] = cpu::activate<A, T>(out[i][j] + (bias != nullptr ? bias[c + j] : T(0)), slope);
   }
-  template <int R>
-  static FASTMNIST_INLINE void row_block(const T* x, const T* w, const T* bias, T* y, int64_t r, int64_t n,
+  template <int R, typename Rows>
+  static FASTMNIST_INLINE void row_block(Rows x, const T* w, const T* bias, T* y, int64_t r, int64_t n,
                                          int64_t k, T slope) {
     int64_t c = 0;
     for (; c + 3 <= n; c += 3) tile<R, 3>(x, w, bias, y, r, c, n, k, slope);
     if (n - c == 2) tile<R, 2>(x, w, bias, y, r, c, n, k, slope);
     if (n - c == 1) tile<R, 1>(x, w, bias, y, r, c, n, k, slope);
   }
-  static FASTMNIST_INLINE void run(const T* x, const T* w, const T* bias, T* y, int64_t r0, int64_t r1, int64_t n,
+  template <typename Rows>
+  static FASTMNIST_INLINE void run(Rows x, const T* w, const T* bias, T* y, int64_t r0, int64_t r1, int64_t n,
                                    int64_t k, T slope) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) row_block<4>(x, w, bias, y, r, n, k, slope);
@@ -147,14 +166,14 @@ template <typename T>
 struct SmallNGradWeight {
   static constexpr int kMaxGroup = 12;  // outputs per pass: 12 accumulators + x + the broadcast in 16 registers
 
-  template <int N>
-  static FASTMNIST_INLINE void group(const T* g, const T* x, T* gw, int64_t m, int64_t n, int64_t k, int64_t c0,
+  template <int N, typename Rows>
+  static FASTMNIST_INLINE void group(const T* g, Rows x, T* gw, int64_t m, int64_t n, int64_t k, int64_t c0,
                                      int64_t j0, int64_t j1) {
     constexpr int W = kWidth<T>;
     for (int64_t j = j0; j < j1; j += W) {
       Vec<T> acc[N] = {};
       for (int64_t r = 0; r < m; ++r) {
-        const Vec<T> xv = cpu::load<T>(x + r * k + j);
+        const Vec<T> xv = cpu::load<T>(x(r) + j);
         for (int c = 0; c < N; ++c) acc[c] += g[r * n + c0 + c] * xv;  // scalar * vector: one vbroadcastss
       }
       for (int c = 0; c < N; ++c) cpu::store<T>(gw + (c0 + c) * k + j, acc[c]);
@@ -162,16 +181,17 @@ struct SmallNGradWeight {
   }
 
   // calls group<N> for the N = count known at compile time
-  template <int N = kMaxGroup>
-  static FASTMNIST_INLINE void group_of(int64_t count, const T* g, const T* x, T* gw, int64_t m, int64_t n,
+  template <int N = kMaxGroup, typename Rows>
+  static FASTMNIST_INLINE void group_of(int64_t count, const T* g, Rows x, T* gw, int64_t m, int64_t n,
                                         int64_t k, int64_t c0, int64_t j0, int64_t j1) {
     if constexpr (N > 0) {
-      if (count == N) return group<N>(g, x, gw, m, n, k, c0, j0, j1);
-      group_of<N - 1>(count, g, x, gw, m, n, k, c0, j0, j1);
+      if (count == N) return group<N, Rows>(g, x, gw, m, n, k, c0, j0, j1);
+      group_of<N - 1, Rows>(count, g, x, gw, m, n, k, c0, j0, j1);
     }
   }
 
-  static FASTMNIST_INLINE void run(const T* g, const T* x, T* gw, int64_t m, int64_t n, int64_t k, int64_t j0,
+  template <typename Rows>
+  static FASTMNIST_INLINE void run(const T* g, Rows x, T* gw, int64_t m, int64_t n, int64_t k, int64_t j0,
                                    int64_t j1) {
     for (int64_t c0 = 0; c0 < n; c0 += kMaxGroup) {
       group_of(std::min<int64_t>(kMaxGroup, n - c0), g, x, gw, m, n, k, c0, j0, j1);
@@ -181,8 +201,30 @@ struct SmallNGradWeight {
 
 }  // namespace
 
-void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d) {
-  const int64_t m = x2d.size(0), k = x2d.size(1), n = gz.size(1);
+bool linear_gathers_in_place(int64_t out_features) { return out_features <= kSmallN; }
+
+namespace {
+
+// Calls f(rows) with the row accessor of x2d, or of x2d's rows row_index[r] when row_index is defined.
+template <typename T, typename F>
+void with_rows(const at::Tensor& x2d, const at::Tensor& row_index, F f) {
+  const T* x = x2d.const_data_ptr<T>();
+  const int64_t k = x2d.size(1);
+  if (row_index.defined()) return f(GatheredRows<T>{x, row_index.const_data_ptr<int64_t>(), k});
+  f(DenseRows<T>{x, k});
+}
+
+void check_gather(const at::Tensor& row_index, int64_t n) {
+  TORCH_INTERNAL_ASSERT(!row_index.defined() || linear_gathers_in_place(n),
+                        "linear_act: a gathered input needs the small-output kernels");
+}
+
+}  // namespace
+
+void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d,
+                             const at::Tensor& row_index) {
+  const int64_t m = gz.size(0), k = x2d.size(1), n = gz.size(1);
+  check_gather(row_index, n);
   if (n > kSmallN) {
     at::mm_out(grad_w, gz.t(), x2d);
     return;
@@ -191,27 +233,30 @@ void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at:
     using T = scalar_t;
     constexpr int W = kWidth<T>;
     const T* g = gz.const_data_ptr<T>();
-    const T* x = x2d.const_data_ptr<T>();
     T* gw = grad_w.mutable_data_ptr<T>();
-    // whole vectors of columns in parallel (~64k multiply-adds per task); the last k % W columns by dot products
-    const int64_t vectors = k / W;
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * n * W));
-    at::parallel_for(0, vectors, grain, [&](int64_t v0, int64_t v1) {
-      cpu::run_kernel<SmallNGradWeight<T>>(g, x, gw, m, n, k, v0 * W, v1 * W);
-    });
-    for (int64_t j = vectors * W; j < k; ++j) {
-      for (int64_t c = 0; c < n; ++c) {
-        T s = 0;
-        for (int64_t r = 0; r < m; ++r) s += g[r * n + c] * x[r * k + j];
-        gw[c * k + j] = s;
+    with_rows<T>(x2d, row_index, [&](auto rows) {
+      // whole vectors of columns in parallel (~64k multiply-adds per task); the last k % W columns by dot
+      // products
+      const int64_t vectors = k / W;
+      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * n * W));
+      at::parallel_for(0, vectors, grain, [&](int64_t v0, int64_t v1) {
+        cpu::run_kernel<SmallNGradWeight<T>>(g, rows, gw, m, n, k, v0 * W, v1 * W);
+      });
+      for (int64_t j = vectors * W; j < k; ++j) {
+        for (int64_t c = 0; c < n; ++c) {
+          T s = 0;
+          for (int64_t r = 0; r < m; ++r) s += g[r * n + c] * rows(r)[j];
+          gw[c * k + j] = s;
+        }
       }
-    }
+    });
   });
 }
 
 void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& b,
-                             Activation act, double negative_slope) {
-  const int64_t m = x2d.size(0), k = x2d.size(1), n = w.size(0);
+                             Activation act, double negative_slope, const at::Tensor& row_index) {
+  const int64_t m = y.size(0), k = x2d.size(1), n = w.size(0);
+  check_gather(row_index, n);
   const bool has_bias = b.defined();
   AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "linear_act_cpu", [&] {
     const scalar_t slope = static_cast<scalar_t>(negative_slope);
@@ -220,12 +265,13 @@ void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Ten
     cpu::with_activation(act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       if (n <= kSmallN) {
-        const scalar_t* x_ptr = x2d.const_data_ptr<scalar_t>();
         const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
         // a grain of ~64k multiply-adds per task, in whole 4-row tiles
         const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, n * k) / 4 * 4);
-        at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
-          cpu::run_kernel<SmallNLinearAct<scalar_t, A>>(x_ptr, w_ptr, bias_ptr, y_ptr, r0, r1, n, k, slope);
+        with_rows<scalar_t>(x2d, row_index, [&](auto rows) {
+          at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+            cpu::run_kernel<SmallNLinearAct<scalar_t, A>>(rows, w_ptr, bias_ptr, y_ptr, r0, r1, n, k, slope);
+          });
         });
       } else {
         at::mm_out(y, x2d, w.t());

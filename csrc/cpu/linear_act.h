@@ -8,9 +8,14 @@
 
 namespace fastmnist {
 
+// Whether a layer with this many outputs reads a gathered input in place (the row_index arguments below); for
+// wider layers the caller gathers the batch into a buffer first (their GEMMs go through BLAS).
+bool linear_gathers_in_place(int64_t out_features);
+
 // y (m, n) = act(x2d (m, k) @ w (n, k)^T + b (n,) or no bias when undefined); all contiguous, same dtype.
+// With row_index (m,) int64 defined, row r of the input is x2d's row row_index[r] (indices already checked).
 void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& b,
-                             Activation act, double negative_slope);
+                             Activation act, double negative_slope, const at::Tensor& row_index = {});
 
 // From the output y (m, n) and its gradient g: gz = g * act'(y) (skipped when gz is undefined or the activation
 // is the identity, where gz is g) and grad_bias (n,) = column sums of gz (skipped when undefined; summed in a
@@ -18,7 +23,8 @@ void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Ten
 void linear_act_grad_pre_into(at::Tensor& gz, at::Tensor& grad_bias, const at::Tensor& g, const at::Tensor& y,
                               Activation act, double negative_slope);
 
-// grad_w (n, k) = gz (m, n)^T @ x2d (m, k); all contiguous, same dtype.
-void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d);
+// grad_w (n, k) = gz (m, n)^T @ x2d (m, k); all contiguous, same dtype; row_index as above.
+void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d,
+                             const at::Tensor& row_index = {});
 
 }  // namespace fastmnist

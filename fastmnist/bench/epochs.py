@@ -3,7 +3,8 @@
     eager          torch.nn modules under autograd, torch.optim step
     torch.compile  the whole eager step compiled (compile time reported separately)
     fused modules  fastmnist layers and losses under autograd, torch.optim step
-    fused step     fastmnist.fused_step: forward, loss, backward and update in one call into C++
+    fused step     fastmnist.fused_step: forward, loss, backward and update in one call into C++, which also
+                   gathers the batch's rows (index=); the others gather with index_select before each step
 
 All candidates of a model start from the same weights and walk the same batches; they are timed interleaved,
 round after round, in one process (harness.py), and the ratio is eager time / candidate time.
@@ -48,12 +49,15 @@ def _eager_step(model, loss_fn, optimizer):
     return step
 
 
-def _epoch(step, x, target, batch_size, order):
-    """One pass over the data in the given order, batch by batch (rows gathered from the whole tensors, as
-    fastmnist.data.iterate_batches does)."""
+def _epoch(step, x, target, batch_size, order, indexed=False):
+    """One pass over the data in the given order, batch by batch: rows gathered from the whole tensors, as
+    fastmnist.data.iterate_batches does, or, `indexed`, by the step itself (the fused step's index argument)."""
     for start in range(0, x.shape[0], batch_size):
         idx = order[start:start + batch_size]
-        step(x.index_select(0, idx), target.index_select(0, idx))
+        if indexed:
+            step(x, target, index=idx)
+        else:
+            step(x.index_select(0, idx), target.index_select(0, idx))
 
 
 def make_case(name, batch_size, options, x, y, with_compile, seed=0):
@@ -68,13 +72,13 @@ def make_case(name, batch_size, options, x, y, with_compile, seed=0):
         optimizer = models.create_optimizer(name, model.parameters())
         return model, models.create_loss(name, backend, **options), optimizer
 
-    def epoch_of(step):
-        return lambda: _epoch(step, x, target, batch_size, order)
+    def epoch_of(step, indexed=False):
+        return lambda: _epoch(step, x, target, batch_size, order, indexed)
 
     eager = epoch_of(_eager_step(*build("eager")))
     candidates = [
         ("fused modules", epoch_of(_eager_step(*build("fused")))),
-        ("fused step", epoch_of(fused_step(*build("fused")))),
+        ("fused step", epoch_of(fused_step(*build("fused")), indexed=True)),
     ]
     label = (f"{name} b={batch_size}" + (f" ({options['hidden']}, {options['loss']})" if options else "")
              + f", {x.shape[0]} images")
