@@ -13,7 +13,8 @@ which gathers the batch inside the step (a softmax-regression model reads the ro
 The step updates the model's own parameter tensors in place and keeps the optimizer's state in torch.optim's
 format (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``), so fused steps, eager steps,
 ``optimizer.state_dict()`` / ``load_state_dict()`` and learning-rate schedulers mix freely. It does not fill
-``param.grad`` and does not run the optimizer's step hooks. Anything it cannot run exactly as eager PyTorch would raises FusionError naming the part.
+``param.grad`` and does not run the optimizer's step hooks. Anything it cannot run exactly as eager PyTorch
+would raises FusionError naming the part.
 """
 
 from __future__ import annotations

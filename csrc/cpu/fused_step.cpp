@@ -222,11 +222,12 @@ class FusedStep : public torch::CustomClassHolder {
   }
 
   // The layer that reads an indexed batch in place, or -1: the first layer with parameters, when it is a
-  // linear layer with few outputs and only flattens come before it (softmax regression, the two-layer head).
+  // linear layer with few outputs and only flattens come before it (softmax regression).
   int64_t in_place_gather_layer() const {
     for (size_t i = 0; i < layers_.size(); ++i) {
-      if (layers_[i].kind == LayerKind::Flatten) continue;
-      const bool reads_rows = layers_[i].kind == LayerKind::Linear && linear_gathers_in_place(layers_[i].weight.size(0));
+      const Layer& layer = layers_[i];
+      if (layer.kind == LayerKind::Flatten) continue;
+      const bool reads_rows = layer.kind == LayerKind::Linear && linear_gathers_in_place(layer.weight.size(0));
       return reads_rows ? static_cast<int64_t>(i) : -1;
     }
     return -1;
