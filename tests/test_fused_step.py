@@ -280,7 +280,7 @@ def test_indexed_step_equals_the_gathered_batch(name, options, batch, dtype):
     gen = torch.Generator().manual_seed(2)
     indices = [torch.randint(0, 40, (batch,), generator=gen) for _ in range(5)]  # unsorted, with repeats
     indices.append((torch.arange(2 * batch, 0, -1) - 1)[::2])  # a non-contiguous index
-    assert not indices[-1].is_contiguous()
+    assert batch == 1 or not indices[-1].is_contiguous()
     gathered = make_pair(name, options, "sgd-momentum", dtype)
     indexed = make_pair(name, options, "sgd-momentum", dtype)
     for idx in indices:
