@@ -274,7 +274,7 @@ def test_rejects_bad_batches():
 @pytest.mark.parametrize("batch", [1, 7, 16])
 @pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
 def test_indexed_step_equals_the_gathered_batch(name, options, batch, dtype):
-    """step(x_all, target_all, index=idx) gathers inside the step (softmax regression reads the rows in place):
+    """step(x_all, target_all, index=idx) gathers inside the step (softmax and twolayer read the rows in place):
     the same losses and parameters, bit for bit, as step(x_all[idx], target_all[idx])."""
     (x_all, y_all), = make_batches(name, options, dtype, count=1, batch=40)
     gen = torch.Generator().manual_seed(2)

@@ -146,7 +146,8 @@ class FusedStep : public torch::CustomClassHolder {
 
   // One training step with learning rate lr; returns the loss. The batch is (x, target), or, with an index,
   // the rows index of the whole tensors (x, target): gathered inside the step, and where the first layer
-  // with parameters is a small-output linear layer (softmax regression), read by it in place, never copied.
+  // with parameters is a linear layer that our own kernels run (softmax regression, the two-layer net), read by
+  // it in place, never copied.
   double step(at::Tensor x, at::Tensor target, std::optional<at::Tensor> index, double lr) {
     TORCH_CHECK(optimizer_ != OptimizerKind::None, "FusedStep: no optimizer set");
     TORCH_CHECK(!layers_.empty(), "FusedStep: no layers");
@@ -222,7 +223,8 @@ class FusedStep : public torch::CustomClassHolder {
   }
 
   // The layer that reads an indexed batch in place, or -1: the first layer with parameters, when it is a
-  // linear layer with few outputs and only flattens come before it (softmax regression).
+  // linear layer with few enough outputs for our own kernels (linear_gathers_in_place: softmax regression's 10,
+  // the two-layer net's 50) and only flattens come before it.
   int64_t in_place_gather_layer() const {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
