@@ -5,7 +5,9 @@
 
 A training step is either the eager one (zero_grad, forward, loss, backward, optimizer.step: works for the
 torch.nn and the fused modules alike) or a fused training step, a callable `step(x, target) -> float loss` that
-updates the parameters itself and leaves that batch's logits in `step.logits`.
+updates the parameters itself and leaves that batch's logits in `step.logits`. fastmnist.fused_step's step is
+handed the whole training set and each batch's row numbers (`index=`): it gathers the batch itself, or reads
+the rows in place, with the same numbers as the gathered batch.
 Loss and accuracy are accumulated as tensors on the device, so the eager loop does not wait for the device
 after every batch; nothing loops over samples in Python.
 """
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from .data import iterate_batches
+from .data import shuffled_batch_indices
+from .fused_step import FusedStep
 
 TARGET_KINDS = ("index", "onehot")
 NUM_CLASSES = 10
@@ -139,6 +142,11 @@ def fit(model, loss_fn, optimizer, train, test, epochs, batch_size, target_kind=
     x_train, y_train = (t.to(device) for t in train)
     x_test, y_test = test
     train_step = step if step is not None else eager_step(model, loss_fn, optimizer)
+    # the fused step takes the whole set and the batch's row numbers; the targets are made once, not per batch
+    indexed = isinstance(train_step, FusedStep)
+    if indexed:
+        x_train = x_train.contiguous()
+        t_train = make_targets(y_train, target_kind, x_train.dtype)
     generator = torch.Generator().manual_seed(seed)
     n_batches = -(-len(x_train) // batch_size)
     history = History()
@@ -154,9 +162,13 @@ def fit(model, loss_fn, optimizer, train, test, epochs, batch_size, target_kind=
                    file=sys.stderr, unit="batch")
         _synchronize(device)
         start = time.perf_counter()
-        for i, (xb, yb) in enumerate(iterate_batches(x_train, y_train, batch_size, shuffle=True,
-                                                     generator=generator)):
-            loss = train_step(xb, make_targets(yb, target_kind, xb.dtype))
+        for i, idx in enumerate(shuffled_batch_indices(len(x_train), batch_size, generator, x_train.device)):
+            yb = y_train.index_select(0, idx)
+            if indexed:
+                loss = train_step(x_train, t_train, index=idx)
+            else:
+                xb = x_train.index_select(0, idx)
+                loss = train_step(xb, make_targets(yb, target_kind, xb.dtype))
             loss_sum += loss * len(yb)  # a float from a fused step, a device tensor from the eager one
             logits = getattr(train_step, "logits", None)
             if logits is None:

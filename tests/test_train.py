@@ -10,6 +10,8 @@ from torch import nn
 import fastmnist
 import fastmnist.nn as fnn
 from fastmnist import data, models, plots
+from fastmnist.data import iterate_batches
+from fastmnist.fused_step import FusedStep, fused_step
 from fastmnist.train import History, eager_step, evaluate, fit, make_targets
 from helpers import assert_close
 
@@ -111,6 +113,39 @@ def test_fit_visits_every_sample_once_per_epoch_and_averages(target_kind):
     fit(model, None, None, (x, y), (x[:20], y[:20]), epochs=1, batch_size=batch_size, step=again, seed=7,
         progress=False, log=None)
     assert sum(again.batches, []) == orders[0]
+
+
+@pytest.mark.parametrize("name", ["softmax", "twolayer", "classifier", "lenet"])
+def test_fit_hands_the_fused_step_row_numbers(name, monkeypatch):
+    """fit gives a fastmnist fused step the whole training set and each batch's rows (index=): the parameters
+    come out bit for bit as from the step on the batches that iterate_batches gathers with the same seed."""
+    calls = []
+    original = FusedStep.__call__
+
+    def recording(self, x, target, index=None):
+        calls.append(index is not None and len(x) == 50)
+        return original(self, x, target, index=index)
+
+    monkeypatch.setattr(FusedStep, "__call__", recording)
+    x, y = torch.rand(50, 1, 28, 28), torch.randint(0, 10, (50,))
+    kind = models.target_kind(name)
+    trained = []
+    for through_fit in (True, False):
+        torch.manual_seed(0)
+        model = models.create_model(name, "fused")
+        step = fused_step(model, models.create_loss(name, "fused"), models.create_optimizer(name, model.parameters()))
+        if through_fit:
+            fit(model, None, None, (x, y), (x[:10], y[:10]), epochs=2, batch_size=16, target_kind=kind, step=step,
+                seed=3, progress=False, log=None)
+            assert calls == [True] * 8, "fit must hand the fused step row numbers"
+        else:
+            generator = torch.Generator().manual_seed(3)
+            for _ in range(2):
+                for xb, yb in iterate_batches(x, y, 16, shuffle=True, generator=generator):
+                    step(xb, make_targets(yb, kind))
+        trained.append(model)
+    for (param_name, a), b in zip(trained[0].named_parameters(), trained[1].parameters()):
+        assert torch.equal(a, b), param_name
 
 
 def test_fit_without_logits_reports_nan_train_accuracy():

@@ -6,7 +6,7 @@ tensors; mini-batches as index slices; downloading with checksums; reading a sin
     for xb, yb in iterate_batches(x, y, 128, shuffle=True, generator=g): ...
 """
 
-from .batches import Batches, iterate_batches
+from .batches import Batches, iterate_batches, shuffled_batch_indices
 from .catalog import (DATASET_NAMES, DATASETS, FASHION_MNIST_CLASSES, IDX_FILES, MNIST_CLASSES, DatasetInfo,
                       dataset_info)
 from .csvfile import read_csv
@@ -21,5 +21,6 @@ __all__ = [
     "Batches", "DATASETS", "DATASET_NAMES", "DataSplits", "Dataset", "DatasetError", "DatasetInfo",
     "DownloadError", "FASHION_MNIST_CLASSES", "IDX_FILES", "MNIST_CLASSES", "SAMPLE_DIR", "dataset_info", "download",
     "file_md5", "find_csv_files", "find_idx_files", "iterate_batches", "load_csv", "load_dataset", "load_idx",
-    "load_sample", "read_csv", "read_idx", "read_idx_images", "read_idx_labels", "read_image", "write_idx",
+    "load_sample", "read_csv", "read_idx", "read_idx_images", "read_idx_labels", "read_image",
+    "shuffled_batch_indices", "write_idx",
 ]

@@ -27,16 +27,23 @@ def iterate_batches(x, y, batch_size, shuffle=False, generator=None, device=None
     if device is not None:
         x, y = x.to(device), y.to(device)
     n = len(x)
-    stop = n - n % batch_size if drop_last else n
     if shuffle:
-        order = torch.randperm(n, generator=generator).to(x.device)
-        for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in shuffled_batch_indices(n, batch_size, generator, x.device, drop_last):
             # index_select copies whole rows: ~3x faster than advanced indexing x[idx] on (N, 1, 28, 28)
             yield x.index_select(0, idx), y.index_select(0, idx)
     else:
+        stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             yield x[start:start + batch_size], y[start:start + batch_size]
+
+
+def shuffled_batch_indices(n, batch_size, generator=None, device=None, drop_last=False):
+    """Yield the row numbers (int64, on `device`) of each batch of one shuffled pass over n rows: the batches
+    iterate_batches(shuffle=True) gathers, in the same order for the same generator state."""
+    order = torch.randperm(n, generator=generator).to(device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
 
 
 class Batches:
