@@ -440,7 +440,7 @@ class FusedStep : public torch::CustomClassHolder {
           const at::Tensor in2d = in.view({in.size(0), -1});
           if (need_input_grad) {
             at::Tensor grad_in2d = grad_in.view({in.size(0), -1});
-            at::mm_out(grad_in2d, g, layer.weight);
+            linear_grad_input_into(grad_in2d, g, layer.weight);
           }
           if (g.size(0) == 1) {
             update_rows(pw, in2d, g, lr);  // batch 1: grad_W[o, k] = g[0, o] x[0, k], formed in the update

@@ -23,6 +23,9 @@ void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Ten
 void linear_act_grad_pre_into(at::Tensor& gz, at::Tensor& grad_bias, const at::Tensor& g, const at::Tensor& y,
                               Activation act, double negative_slope);
 
+// grad_x (m, k) = gz (m, n) @ w (n, k); all contiguous, same dtype.
+void linear_grad_input_into(at::Tensor& grad_x, const at::Tensor& gz, const at::Tensor& w);
+
 // grad_w (n, k) = gz (m, n)^T @ x2d (m, k); all contiguous, same dtype; row_index as above.
 void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d,
                              const at::Tensor& row_index = {});
