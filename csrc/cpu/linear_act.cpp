@@ -202,8 +202,8 @@ struct SmallNGradWeight {
 
 // grad_x (m, k) = g_z (m, n) @ W (n, k) for n <= small_n_limit() outputs, rows [r0, r1): tiles of 4 rows x 3
 // vectors of columns, each summing its n terms g_z[r, c] * W[c, columns] in registers, c in order (12
-// accumulators, 3 vector loads of W and 4 broadcasts of g_z per 12 multiply-adds). BLAS spends ~10 us of
-// threading overhead on a product this small (100x10 @ 10x50: 0.1 MFLOP).
+// accumulators, 3 vector loads of W and 4 broadcasts of g_z per 12 multiply-adds). MKL takes ~10 us for a
+// product this small (100x10 @ 10x50: 0.1 MFLOP), this kernel ~4.
 template <typename T>
 struct SmallNGradInput {
   template <int R, int C>
