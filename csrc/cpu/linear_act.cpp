@@ -1,7 +1,8 @@
 // Fused linear + activation on the CPU: out = act(x @ W^T + b).
 //
 // Forward. For few outputs (N <= small_n_limit(): a 10-class head, a 50-unit hidden layer) BLAS runs far below
-// peak, so a register-blocked dot-product kernel computes a tile of x @ W^T and applies bias and activation before storing it.
+// peak, so a register-blocked dot-product kernel computes a tile of x @ W^T and applies bias and activation
+// before storing it.
 // Otherwise the GEMM goes through ATen (MKL) and one pass over each row block adds the bias and applies the
 // activation while the block is in cache.
 // Saved for backward: the output y only (plus the inputs x and W, which the GEMMs need); every activation's
@@ -240,7 +241,7 @@ struct SmallNGradInput {
   }
 };
 
-// At most this many outputs: our own kernels (below) rather than BLAS. Measured with AVX2 on a Zen 2, two
+// At most this many outputs: our own kernels (above) rather than BLAS. Measured with AVX2 on a Zen 2, two
 // threads: at 100x784x50 (forward / weight gradient) they take 72 / 72 us against MKL's 91 / 88-138, at
 // 256x784x10 49 / 54 against 95 / 84, still 200 / 239 against 215 / 284 at 256x784x64, and MKL catches up
 // past 64 outputs (256x200x100: 137 / 112 against 106 / 105). On the AVX-512 path MKL's GEMMs have 64-byte
