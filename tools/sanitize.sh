@@ -2,7 +2,8 @@
 # Builds the C++ kernels once with AddressSanitizer and UndefinedBehaviorSanitizer (FASTMNIST_SANITIZE=1) in a
 # scratch copy of the tree, and runs the kernels' tests under them: any out-of-bounds access or undefined
 # behaviour fails the run. The normal build in this tree is left alone.
-# Usage: tools/sanitize.sh [pytest args]   (default: the tests of every op's CPU kernels)
+# Usage: tools/sanitize.sh [pytest args]   (default: the tests of every op's CPU kernels, and the fused step's
+# indexed-batch tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
