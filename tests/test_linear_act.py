@@ -87,6 +87,16 @@ def test_tutorial_shapes_float32(batch, n_in, n_out):
     check_against_eager(x, w, b, activation, grad_atol=max(1e-5, 2e-6 * batch ** 0.5))
 
 
+@pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 200), (200, 100), (784, 200)])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_gemm_layers_forward_equals_eager_bit_for_bit(batch, n_in, n_out):
+    """Past the small-output kernels the bias goes in through the GEMM, as eager's addmm: the pre-activations
+    are eager's to the bit (what the fused step's float32 parity test relies on near ReLU's kink)."""
+    x, w, b = make_inputs((batch, n_in), n_out, torch.float32, seed=batch + n_out, requires_grad=False)
+    for activation, eager in (("identity", lambda z: z), ("relu", torch.relu)):
+        assert torch.equal(fastmnist.linear_act(x, w, b, activation), eager(F.linear(x, w, b))), activation
+
+
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
 def test_noncontiguous_inputs(activation):
     x, w, b = make_inputs((9, 21), 6, torch.float32, seed=3, requires_grad=False)
