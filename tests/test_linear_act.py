@@ -158,21 +158,27 @@ def test_extreme_values():
         assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
-def test_avx2_and_portable_paths_agree():
-    paths = []
-    for path in ("avx2", "portable"):
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_vectorised_and_portable_paths_agree(path):
+    def run():
         results = []
-        with cpu_path(path):
-            for activation in ACTIVATIONS:
-                for n_out in (10, 50, 100):  # the small-output kernels and the BLAS path with its epilogue
-                    x, w, b = make_inputs((37, 53), n_out, torch.float64, seed=n_out)
+        for activation in ACTIVATIONS:
+            # the small-output kernels (up to 16 outputs on every path, 64 but on AVX-512) and the BLAS path
+            for n_out in (10, 16, 50, 100):
+                for batch in (1, 37):
+                    x, w, b = make_inputs((batch, 53), n_out, torch.float64, seed=n_out)
                     out = fastmnist.linear_act(x, w, b, activation)
                     out.backward(torch.ones_like(out))
                     results.append([out.detach(), x.grad, w.grad, b.grad])
-        paths.append(results)
-    for avx2, portable in zip(*paths):
-        for p, a in zip(portable, avx2):
-            assert_close(a, p, atol=1e-13, rtol=1e-12)
+        return results
+
+    with cpu_path(path):
+        vectorised = run()
+    with cpu_path("portable"):
+        portable = run()
+    for v_tensors, p_tensors in zip(vectorised, portable):
+        for v, p in zip(v_tensors, p_tensors):
+            assert_close(v, p, atol=1e-13, rtol=1e-12)
 
 
 def test_set_cpu_path_rejects_unknown():

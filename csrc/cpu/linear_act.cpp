@@ -2,7 +2,9 @@
 //
 // Forward. For few outputs (N <= small_n_limit(): a 10-class head, a 50-unit hidden layer) BLAS runs far below
 // peak, so a register-blocked dot-product kernel computes a tile of x @ W^T and applies bias and activation
-// before storing it.
+// before storing it. These small-output kernels (forward, grad_x, grad_W) are built twice, with 32-byte vectors
+// here and with 64-byte vectors by cpu/avx512/linear_act.cpp (see cpu/simd.h), and picked per call by
+// cpu_path(); everything else is built once, in the 32-byte build.
 // Otherwise the GEMM goes through ATen (MKL) with the bias inside it (addmm, the call eager's nn.Linear makes, so
 // the pre-activations are eager's to the bit; ~3% slower than a plain GEMM at 64x784x400), and one pass over each
 // row block applies the activation while the block is in cache.
@@ -156,11 +158,12 @@ struct ActGradRows {
   }
 };
 
-// grad_W (n, k) = g_z^T (n, m) @ x (m, k) for n <= small_n_limit() outputs, columns [j0, j1) of whole vectors.
+// grad_W (n, k) = g_z^T (n, m) @ x (m, k) for n <= small_n_limit() outputs, columns [j0, j1): whole vectors, then
+// the columns past the last whole vector (j1 = k) by dot products.
 // Per vector of columns, all n rows of grad_W are accumulated over the m rows of x in order (deterministic for any
 // thread count): per row of x one vector load, n broadcasts of g_z and n multiply-adds into n accumulators in
-// registers. The outputs go in passes of equal size (50 outputs: 5 x 10, not 4 x 12 + 2, whose last pass would
-// load x for 2 multiply-adds).
+// registers. The outputs go in passes of equal size (50 outputs with 32-byte vectors: 5 x 10, not 4 x 12 + 2,
+// whose last pass would load x for 2 multiply-adds).
 template <typename T>
 struct SmallNGradWeight {
   static constexpr int kMaxGroup = 12;  // outputs per pass: 12 accumulators + x + the broadcast in 16 registers
@@ -169,13 +172,21 @@ struct SmallNGradWeight {
   static FASTMNIST_INLINE void group(const T* g, Rows x, T* gw, int64_t m, int64_t n, int64_t k, int64_t c0,
                                      int64_t j0, int64_t j1) {
     constexpr int W = kWidth<T>;
-    for (int64_t j = j0; j < j1; j += W) {
+    int64_t j = j0;
+    for (; j + W <= j1; j += W) {
       Vec<T> acc[N] = {};
       for (int64_t r = 0; r < m; ++r) {
         const Vec<T> xv = cpu::load<T>(x(r) + j);
         for (int c = 0; c < N; ++c) acc[c] += g[r * n + c0 + c] * xv;  // scalar * vector: one vbroadcastss
       }
       for (int c = 0; c < N; ++c) cpu::store<T>(gw + (c0 + c) * k + j, acc[c]);
+    }
+    for (; j < j1; ++j) {
+      for (int c = 0; c < N; ++c) {
+        T s = 0;
+        for (int64_t r = 0; r < m; ++r) s += g[r * n + c0 + c] * x(r)[j];
+        gw[(c0 + c) * k + j] = s;
+      }
     }
   }
 
@@ -239,27 +250,108 @@ struct SmallNGradInput {
   }
 };
 
-// At most this many outputs: our own kernels (above) rather than BLAS. Measured with AVX2 on a Zen 2, two
+// Calls f(rows) with the row accessor of x (rows of length k), or of x's rows index[r] when index is not null.
+template <typename T, typename F>
+void with_rows(const T* x, const int64_t* index, int64_t k, F f) {
+  if (index != nullptr) return f(GatheredRows<T>{x, index, k});
+  f(DenseRows<T>{x, k});
+}
+
+}  // namespace
+
+// The small-output kernels at this build's vector width, each over all rows in parallel (~64k multiply-adds per
+// task); linear_act_forward_into and the gradients (below) pick a width per call (FASTMNIST_AT_WIDTH).
+namespace cpu {
+inline namespace FASTMNIST_VEC_NS {
+
+template <typename T>
+void small_n_forward_at_width(const T* x, const int64_t* index, const T* w, const T* bias, T* y, int64_t m,
+                              int64_t n, int64_t k, Activation act, T slope) {
+  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, n * k) / 4 * 4);  // whole 4-row tiles
+  with_activation(act, [&](auto a) {
+    constexpr Activation A = decltype(a)::value;
+    with_rows(x, index, k, [&](auto rows) {
+      at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+        run_kernel<SmallNLinearAct<T, A>>(rows, w, bias, y, r0, r1, n, k, slope);
+      });
+    });
+  });
+}
+
+template <typename T>
+void small_n_grad_weight_at_width(const T* g, const T* x, const int64_t* index, T* gw, int64_t m, int64_t n,
+                                  int64_t k) {
+  constexpr int W = kWidth<T>;
+  const int64_t vectors = (k + W - 1) / W;  // the last one may be partial
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * n * W));
+  with_rows(x, index, k, [&](auto rows) {
+    at::parallel_for(0, vectors, grain, [&](int64_t v0, int64_t v1) {
+      run_kernel<SmallNGradWeight<T>>(g, rows, gw, m, n, k, v0 * W, std::min(v1 * W, k));
+    });
+  });
+}
+
+template <typename T>
+void small_n_grad_input_at_width(const T* g, const T* w, T* gx, int64_t m, int64_t n, int64_t k) {
+  const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, n * k) / 4 * 4);  // whole 4-row tiles
+  at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+    run_kernel<SmallNGradInput<T>>(g, w, gx, r0, r1, n, k);
+  });
+}
+
+#define FASTMNIST_INSTANTIATE(T)                                                                                  \
+  template void small_n_forward_at_width<T>(const T*, const int64_t*, const T*, const T*, T*, int64_t, int64_t, \
+                                            int64_t, Activation, T);                                            \
+  template void small_n_grad_weight_at_width<T>(const T*, const T*, const int64_t*, T*, int64_t, int64_t,        \
+                                                int64_t);                                                       \
+  template void small_n_grad_input_at_width<T>(const T*, const T*, T*, int64_t, int64_t, int64_t);
+FASTMNIST_INSTANTIATE(float)
+FASTMNIST_INSTANTIATE(double)
+#undef FASTMNIST_INSTANTIATE
+
+}  // namespace FASTMNIST_VEC_NS
+}  // namespace cpu
+
+// Everything below is built once, in the 32-byte build.
+#if FASTMNIST_VEC_BYTES == 32
+
+#if FASTMNIST_HAVE_X86_PATHS
+namespace cpu::vec512 {  // cpu/avx512/linear_act.cpp
+template <typename T>
+void small_n_forward_at_width(const T* x, const int64_t* index, const T* w, const T* bias, T* y, int64_t m,
+                              int64_t n, int64_t k, Activation act, T slope);
+template <typename T>
+void small_n_grad_weight_at_width(const T* g, const T* x, const int64_t* index, T* gw, int64_t m, int64_t n,
+                                  int64_t k);
+template <typename T>
+void small_n_grad_input_at_width(const T* g, const T* w, T* gx, int64_t m, int64_t n, int64_t k);
+}  // namespace cpu::vec512
+#define FASTMNIST_AT_WIDTH(fn, ...)                                                                                \
+  (cpu::cpu_path() == cpu::CpuPath::Avx512 ? cpu::vec512::fn(__VA_ARGS__) : cpu::vec256::fn(__VA_ARGS__))
+#else
+#define FASTMNIST_AT_WIDTH(fn, ...) cpu::vec256::fn(__VA_ARGS__)
+#endif
+
+namespace {
+
+// At most this many outputs: our own kernels (above) rather than BLAS. Measured on a Zen 2 (AVX2), two
 // threads: at 100x784x50 (forward / weight gradient) they take 72 / 72 us against MKL's 91 / 88-138, at
 // 256x784x10 49 / 54 against 95 / 84, still 200 / 239 against 215 / 284 at 256x784x64, and MKL catches up
-// past 64 outputs (256x200x100: 137 / 112 against 106 / 105). On the AVX-512 path MKL's GEMMs have 64-byte
-// FMAs and these kernels (32-byte vectors only) keep to the 10-class heads.
+// past 64 outputs (256x200x100: 137 / 112 against 106 / 105). Where MKL has AVX-512 it is faster past the
+// 10-class heads: on an Intel Xeon (AVX-512), two threads, the 64-byte kernels take 126 / 79 us at 100x784x50
+// against MKL's 97 / 65, and the two-layer net's epoch 232 ms against 195 with MKL; the softmax epoch 89 ms
+// with the 64-byte kernels, 99 with the 32-byte ones, 94 with MKL.
 int64_t small_n_limit() { return cpu::cpu_path() == cpu::CpuPath::Avx512 ? 16 : 64; }
+
+const int64_t* index_ptr(const at::Tensor& row_index) {
+  return row_index.defined() ? row_index.const_data_ptr<int64_t>() : nullptr;
+}
 
 }  // namespace
 
 bool linear_gathers_in_place(int64_t out_features) { return out_features <= small_n_limit(); }
 
 namespace {
-
-// Calls f(rows) with the row accessor of x2d, or of x2d's rows row_index[r] when row_index is defined.
-template <typename T, typename F>
-void with_rows(const at::Tensor& x2d, const at::Tensor& row_index, F f) {
-  const T* x = x2d.const_data_ptr<T>();
-  const int64_t k = x2d.size(1);
-  if (row_index.defined()) return f(GatheredRows<T>{x, row_index.const_data_ptr<int64_t>(), k});
-  f(DenseRows<T>{x, k});
-}
 
 void check_gather(const at::Tensor& row_index, int64_t n) {
   TORCH_INTERNAL_ASSERT(!row_index.defined() || linear_gathers_in_place(n),
@@ -277,26 +369,9 @@ void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at:
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "linear_grad_weight_cpu", [&] {
-    using T = scalar_t;
-    constexpr int W = kWidth<T>;
-    const T* g = gz.const_data_ptr<T>();
-    T* gw = grad_w.mutable_data_ptr<T>();
-    with_rows<T>(x2d, row_index, [&](auto rows) {
-      // whole vectors of columns in parallel (~64k multiply-adds per task); the last k % W columns by dot
-      // products
-      const int64_t vectors = k / W;
-      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * n * W));
-      at::parallel_for(0, vectors, grain, [&](int64_t v0, int64_t v1) {
-        cpu::run_kernel<SmallNGradWeight<T>>(g, rows, gw, m, n, k, v0 * W, v1 * W);
-      });
-      for (int64_t j = vectors * W; j < k; ++j) {
-        for (int64_t c = 0; c < n; ++c) {
-          T s = 0;
-          for (int64_t r = 0; r < m; ++r) s += g[r * n + c] * rows(r)[j];
-          gw[c * k + j] = s;
-        }
-      }
-    });
+    FASTMNIST_AT_WIDTH(small_n_grad_weight_at_width<scalar_t>, gz.const_data_ptr<scalar_t>(),
+                       x2d.const_data_ptr<scalar_t>(), index_ptr(row_index), grad_w.mutable_data_ptr<scalar_t>(),
+                       m, n, k);
   });
 }
 
@@ -307,14 +382,8 @@ void linear_grad_input_into(at::Tensor& grad_x, const at::Tensor& gz, const at::
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "linear_grad_input_cpu", [&] {
-    const scalar_t* g = gz.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
-    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
-    // ~64k multiply-adds per task, in whole 4-row tiles
-    const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, n * k) / 4 * 4);
-    at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
-      cpu::run_kernel<SmallNGradInput<scalar_t>>(g, w_ptr, gx, r0, r1, n, k);
-    });
+    FASTMNIST_AT_WIDTH(small_n_grad_input_at_width<scalar_t>, gz.const_data_ptr<scalar_t>(),
+                       w.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), m, n, k);
   });
 }
 
@@ -325,28 +394,22 @@ void linear_act_forward_into(at::Tensor& y, const at::Tensor& x2d, const at::Ten
   const bool has_bias = b.defined();
   AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "linear_act_cpu", [&] {
     const scalar_t slope = static_cast<scalar_t>(negative_slope);
-    const scalar_t* bias_ptr = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
+    if (n <= small_n_limit()) {
+      FASTMNIST_AT_WIDTH(small_n_forward_at_width<scalar_t>, x2d.const_data_ptr<scalar_t>(), index_ptr(row_index),
+                         w.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y_ptr, m,
+                         n, k, act, slope);
+      return;
+    }
+    // addmm: eager's rounding, so that a pre-activation within rounding of ReLU's kink falls on eager's side
+    if (has_bias) at::addmm_out(y, b, x2d, w.t());
+    else at::mm_out(y, x2d, w.t());
+    if (act == Activation::Identity) return;
     cpu::with_activation(act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
-      if (n <= small_n_limit()) {
-        const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
-        // a grain of ~64k multiply-adds per task, in whole 4-row tiles
-        const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, n * k) / 4 * 4);
-        with_rows<scalar_t>(x2d, row_index, [&](auto rows) {
-          at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
-            cpu::run_kernel<SmallNLinearAct<scalar_t, A>>(rows, w_ptr, bias_ptr, y_ptr, r0, r1, n, k, slope);
-          });
-        });
-      } else {
-        // addmm: eager's rounding, so that a pre-activation within rounding of ReLU's kink falls on eager's side
-        if (has_bias) at::addmm_out(y, b, x2d, w.t());
-        else at::mm_out(y, x2d, w.t());
-        if (A == Activation::Identity) return;
-        at::parallel_for(0, m, std::max(kRowChunk, kMinTaskElements / n), [&](int64_t r0, int64_t r1) {
-          cpu::run_kernel<ActRows<scalar_t, A>>(y_ptr, r0, r1, n, slope);
-        });
-      }
+      at::parallel_for(0, m, std::max(kRowChunk, kMinTaskElements / n), [&](int64_t r0, int64_t r1) {
+        cpu::run_kernel<ActRows<scalar_t, A>>(y_ptr, r0, r1, n, slope);
+      });
     });
   });
 }
@@ -430,5 +493,8 @@ TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
   m.impl("linear_act", &linear_act_cpu);
   m.impl("linear_act_backward", &linear_act_backward_cpu);
 }
+
+#undef FASTMNIST_AT_WIDTH
+#endif  // FASTMNIST_VEC_BYTES == 32
 
 }  // namespace fastmnist
