@@ -21,6 +21,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #ifndef FASTMNIST_VEC_BYTES
 #define FASTMNIST_VEC_BYTES 32
@@ -122,11 +123,22 @@ FASTMNIST_INLINE IntVec<T> lane_mask(int64_t n) {
   return m;
 }
 
+// Sum of the lanes as a tree: the upper half is added to the lower half until two lanes are left, in a fixed order
+// (deterministic). For 16 floats: 4 dependent adds and 4 shuffles, where a lane-by-lane sum compiled to a chain of
+// 16 dependent scalar adds and 15 lane extractions (linear_act's small-output forward tile takes 24 such sums).
+template <typename T, typename V, std::size_t... I>
+FASTMNIST_INLINE T reduce_halves(V v, std::index_sequence<I...>) {
+  constexpr std::size_t half = sizeof...(I);
+  if constexpr (half == 1) {
+    return v[0] + v[1];
+  } else {
+    const auto sum = __builtin_shufflevector(v, v, I...) + __builtin_shufflevector(v, v, (I + half)...);
+    return reduce_halves<T>(sum, std::make_index_sequence<half / 2>{});
+  }
+}
 template <typename T>
 FASTMNIST_INLINE T reduce_add(Vec<T> v) {
-  T s = 0;
-  for (int i = 0; i < kWidth<T>; ++i) s += v[i];
-  return s;
+  return reduce_halves<T>(v, std::make_index_sequence<kWidth<T> / 2>{});
 }
 template <typename T>
 FASTMNIST_INLINE Vec<T> vmax(Vec<T> a, Vec<T> b) {
