@@ -359,10 +359,10 @@ namespace {
 // At most this many outputs: our own kernels (above) rather than BLAS. Measured on a Zen 2 (AVX2), two
 // threads: at 100x784x50 (forward / weight gradient) they take 72 / 72 us against MKL's 91 / 88-138, at
 // 256x784x10 49 / 54 against 95 / 84, still 200 / 239 against 215 / 284 at 256x784x64, and MKL catches up
-// past 64 outputs (256x200x100: 137 / 112 against 106 / 105). Where MKL has AVX-512 it is faster past the
-// 10-class heads: on an Intel Xeon (AVX-512), two threads, the 64-byte kernels take 126 / 79 us at 100x784x50
-// against MKL's 97 / 65, and the two-layer net's epoch 232 ms against 195 with MKL; the softmax epoch 89 ms
-// with the 64-byte kernels, 99 with the 32-byte ones, 94 with MKL.
+// past 64 outputs (256x200x100: 137 / 112 against 106 / 105). Where MKL has AVX-512 it is as fast past the
+// 10-class heads: on an Intel Xeon (AVX-512), one thread, the 64-byte kernels take 76 / 52 us at 100x784x50
+// against MKL's 66-73 / 44-47, and the two-layer net's step 154-158 us with them against 156-162 with MKL
+// (at 890668b); the softmax epoch 89 ms with the 64-byte kernels, 99 with the 32-byte ones, 94 with MKL (778b5d3).
 int64_t small_n_limit() { return cpu::cpu_path() == cpu::CpuPath::Avx512 ? 16 : 64; }
 
 const int64_t* index_ptr(const at::Tensor& row_index) {
