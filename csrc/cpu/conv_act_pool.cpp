@@ -17,9 +17,12 @@
 //
 // Backward. dz = 0.25 * upsample(grad_out) * act'(act) is formed per sample, in vector registers, into a
 // zero-bordered scratch plane (with the bias-gradient sums taken in the same pass). From it, direct kernels:
-//   grad_W[o, c, ky, kx] = sum_{i,j} dz[o, i, j] * x_pad[c, i + ky, j + kx]   (tiles: 2 out channels x K taps)
-//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 1 row;
-//            kernel rows that fall on the zero border of dz are skipped, as are the forward's on the padding)
+//   grad_W[o, c, ky, kx] = sum_{i,j} dz[o, i, j] * x_pad[c, i + ky, j + kx]   (column path: tiles of 3 out
+//            channels x K taps; channel path: dz transposed to channels last in registers, tiles of 2 kernel
+//            rows x K taps x channel vectors)
+//   grad_x = full correlation of dz with the flipped, transposed kernel       (the forward conv tile, 2 rows
+//            where the registers allow; kernel rows that fall on the zero border of dz are skipped, as are the
+//            forward's on the padding)
 // grad_W and grad_b are accumulated per fixed chunk of kChunk samples (independent of the thread count),
 // and the chunk partials are added in chunk order: results are deterministic run to run.
 // grad_x is computed only when asked (LeNet's first block never needs it).
@@ -35,6 +38,10 @@
 #include "activation.h"
 #include "conv_act_pool_args.h"
 #include "cpu/activation_vec.h"
+
+#if FASTMNIST_VEC_BYTES == 64
+#include <immintrin.h>
+#endif
 
 namespace fastmnist {
 
@@ -67,6 +74,7 @@ constexpr int kInGradBlock = 6;   // grad_x tile: input channels
 constexpr int kWGradBlock = 3;    // grad_W tile: output channels
 constexpr int kColVecs = 2;       // column vectors per conv tile (2 vectors of conv columns -> 1 pooled vector)
 constexpr int64_t kChunk = 8;     // samples per backward partial sum (fixed: deterministic reduction)
+constexpr int kVectorRegisters = FASTMNIST_VEC_BYTES == 64 ? 32 : 16;  // x86-64: zmm0-31 (AVX-512), ymm0-15
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 // Elements past the end of the backward's padded input that weight_grad_tile's second row load may read.
@@ -84,6 +92,17 @@ at::Tensor channels_last_weights(const at::Tensor& w, int64_t op) {
   at::Tensor wcl = at::zeros({w.size(1), w.size(2), w.size(3), op}, w.options());
   wcl.narrow(3, 0, w.size(0)).copy_(w.permute({1, 2, 3, 0}));
   return wcl;
+}
+
+// grad_x is the forward conv of dz with W flipped in both spatial dimensions, input and output channels swapped.
+// Its tiles take the input channels in blocks of `block` (the last one smaller): block b starting at channel c0
+// is stored from c0 * C_out * k * k on, laid out (C_out, k, k, b) (conv_tile's PACKED layout).
+at::Tensor input_grad_weights(const at::Tensor& w, int64_t block) {
+  const at::Tensor flipped = w.flip({2, 3});
+  std::vector<at::Tensor> blocks;
+  for (int64_t c0 = 0; c0 < w.size(1); c0 += block)
+    blocks.push_back(flipped.narrow(1, c0, std::min(block, w.size(1) - c0)).permute({0, 2, 3, 1}).reshape(-1));
+  return blocks.size() == 1 ? blocks[0].contiguous() : at::cat(blocks);
 }
 
 // Shapes and scratch-buffer geometry of one call, computed once on the host. All row lengths of the
@@ -130,6 +149,49 @@ Geometry make_geometry(const at::Tensor& x4, const ConvActPoolShape& s) {
   return g;
 }
 
+// Stores the first n (<= W) lanes of v. With 64-byte vectors one masked store: the lane-by-lane loop went
+// through a copy of v on the stack, read back in 8-byte pieces that stalled on the vector store (on an Intel
+// Xeon, a quarter of the first LeNet block's forward, where every act and output row ends in a partial vector).
+template <typename T>
+FASTMNIST_INLINE void store_first(T* p, Vec<T> v, int64_t n) {
+  if (n == kWidth<T>) {
+    cpu::store(p, v);
+    return;
+  }
+#if FASTMNIST_VEC_BYTES == 64
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (sizeof(T) == 4) {
+    _mm512_mask_storeu_ps(p, mask, reinterpret_cast<__m512>(v));
+  } else {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask), reinterpret_cast<__m512d>(v));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+#endif
+}
+
+// dst[0 .. n) = src[0 .. n). With 64-byte vectors in vector pieces, the last one masked: a row of a small image
+// is too short for memmove's call to pay (7% of the first LeNet block's forward went to it).
+template <typename T>
+FASTMNIST_INLINE void copy_row(T* dst, const T* src, int64_t n) {
+#if FASTMNIST_VEC_BYTES == 64
+  constexpr int W = kWidth<T>;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) cpu::store(dst + j, cpu::load<T>(src + j));
+  if (j < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - j)) - 1);
+    if constexpr (sizeof(T) == 4) {
+      store_first<T>(dst + j, reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_ps(mask, src + j)), n - j);
+    } else {
+      store_first<T>(dst + j, reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), src + j)),
+                     n - j);
+    }
+  }
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
 // Copies sample x (strided) into the interior of the zero-bordered buffer (c, xh, xw). Input rows and
 // columns that no kept conv output reads (cut by the floor pooling) are skipped. Borders stay zero.
 template <typename T>
@@ -140,7 +202,7 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
       const T* src = x + c * g.sxc + (r - g.pad) * g.sxh;
       T* dst = buf + (c * g.xh + r) * g.xw;
       if (g.sxw == 1) {
-        std::copy(src, src + (c1 - g.pad), dst + g.pad);
+        copy_row<T>(dst + g.pad, src, c1 - g.pad);
       } else {
         for (int64_t col = g.pad; col < c1; ++col) dst[col] = src[(col - g.pad) * g.sxw];
       }
@@ -155,8 +217,10 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
 // embedded broadcast): LeNet's second block reads 2400 weights per tile, which stay in L1 as scalars but not as
 // vectors of W copies (150 KB at W = 16, and the tile then ran at L2 speed). Only the tile's input
 // rows [t0, t1) are read: the caller passes the rows that are not all zero (padding). KS > 0 fixes the kernel
-// size at compile time (fully unrolled), 0 reads `k_rt`.
-template <typename T, int KS, int R, int OB, int CB>
+// size at compile time (fully unrolled), 0 reads `k_rt`. PACKED: w is laid out (channels, k, k, OB), the OB
+// output channels' weights of each tap adjacent (w_ostride unused), so that every weight is at a constant offset
+// from one pointer per channel (grad_x's tiles: no address arithmetic per weight).
+template <typename T, int KS, int R, int OB, int CB, bool PACKED = false>
 FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t w_ostride,
                                 int64_t channels, int64_t k_rt, int64_t t0, int64_t t1, Vec<T> (&acc)[R][OB][CB]) {
   constexpr int W = kWidth<T>;
@@ -170,9 +234,9 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
       for (int v = 0; v < CB; ++v) acc[r][o][v] = Vec<T>{};
   for (int64_t c = 0; c < channels; ++c) {
     const T* ic = in + c * in_cstride;
-    const T* wc = w + c * k * k;
+    const T* wc = w + c * k * k * (PACKED ? OB : 1);
     // input row t feeds output row r through kernel row ky = t - r: each loaded vector serves R*OB products
-    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min<int64_t>(t1, k + R - 1); ++t) {
+    auto input_row = [&](int64_t t) FASTMNIST_LAMBDA_INLINE {
       const T* row = ic + t * ld;
 #pragma GCC unroll 8
       for (int64_t kx = 0; kx < k; ++kx) {
@@ -185,23 +249,21 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
           if (ky < 0 || ky >= k) continue;
 #pragma GCC unroll 16
           for (int o = 0; o < OB; ++o) {
-            const T wk = wc[o * w_ostride + ky * k + kx];
+            const T wk = PACKED ? wc[(ky * k + kx) * OB + o] : wc[o * w_ostride + ky * k + kx];
 #pragma GCC unroll 16
             for (int v = 0; v < CB; ++v) acc[r][o][v] += xv[v] * wk;
           }
         }
       }
+    };
+    if constexpr (KS > 0) {
+      // unrolled over t as well: every weight offset is then a constant, and no ky test is left at run time
+#pragma GCC unroll 16
+      for (int t = 0; t < KS + R - 1; ++t)
+        if (t >= t0 && t < t1) input_row(t);
+    } else {
+      for (int64_t t = std::max<int64_t>(t0, 0); t < std::min<int64_t>(t1, k + R - 1); ++t) input_row(t);
     }
-  }
-}
-
-// Stores the first n (<= W) lanes of v.
-template <typename T>
-FASTMNIST_INLINE void store_first(T* p, Vec<T> v, int64_t n) {
-  if (n == kWidth<T>) {
-    cpu::store(p, v);
-  } else {
-    for (int64_t i = 0; i < n; ++i) p[i] = v[i];
   }
 }
 
@@ -486,43 +548,91 @@ FASTMNIST_INLINE void weight_grad_tile(const T* dz, const T* xpad, const Geometr
     }
 }
 
-// Channel path: gwcl[c][ky][kx0 + b][v*W ..] += sum_{i, j} x_pad[c][i + ky][j + kx0 + b] * dzcl[i][j][v*W ..] for KB
-// taps and OB channel vectors (gwcl, dzcl pointing at the first output channel). dzcl is dz laid out channels
-// last, (2 ho, 2 wo, op), padded channels zero.
-template <typename T, int KB, int OB>
+// One step of weight_grad_tile_cl: dz columns j .. j + JB - 1 of dz row i. Input value x[y][j + m] (kernel row
+// ky + y) multiplies dz column j + jj for tap b = m - jj: one broadcast serves every tap of the JB columns
+// that reads it, so loads stay below the FMAs (one broadcast per FMA made the tile load-bound).
+template <typename T, int RY, int KB, int OB, int JB>
+FASTMNIST_INLINE void weight_grad_step_cl(const T* dr, const T* xr, int64_t ldx, int64_t op,
+                                          Vec<T> (&acc)[RY][KB][OB]) {
+  constexpr int W = kWidth<T>;
+  Vec<T> dv[JB][OB];
+#pragma GCC unroll 16
+  for (int jj = 0; jj < JB; ++jj)
+#pragma GCC unroll 16
+    for (int v = 0; v < OB; ++v) dv[jj][v] = cpu::load<T>(dr + jj * op + v * W);
+#pragma GCC unroll 32
+  for (int m = 0; m < JB + KB - 1; ++m)
+#pragma GCC unroll 16
+    for (int y = 0; y < RY; ++y) {
+      const T xk = xr[y * ldx + m];
+#pragma GCC unroll 16
+      for (int jj = 0; jj < JB; ++jj) {
+        const int b = m - jj;
+        if (b < 0 || b >= KB) continue;
+#pragma GCC unroll 16
+        for (int v = 0; v < OB; ++v) acc[y][b][v] += dv[jj][v] * xk;
+      }
+    }
+}
+
+// The W x W matrix m[row][lane] transposed in place, as log2(W) rounds that each swap one bit of the row index
+// with the same bit of the lane index: rows r and r + H (bit H of r clear) exchange their lanes with bit H set
+// and clear respectively (two-source shuffles; W log2 W of them in all).
+template <typename T, int H, std::size_t... I>
+FASTMNIST_INLINE void swap_index_bit(Vec<T> (&m)[kWidth<T>], std::index_sequence<I...>) {
+  constexpr int W = kWidth<T>;
+#pragma GCC unroll 16
+  for (int r = 0; r < W; ++r) {
+    if (r & H) continue;
+    const Vec<T> a = m[r], b = m[r + H];
+    m[r] = __builtin_shufflevector(a, b, ((I & H) ? W + I - H : I)...);
+    m[r + H] = __builtin_shufflevector(a, b, ((I & H) ? W + I : I + H)...);
+  }
+}
+template <typename T, int H = kWidth<T> / 2>
+FASTMNIST_INLINE void transpose(Vec<T> (&m)[kWidth<T>]) {
+  swap_index_bit<T, H>(m, std::make_index_sequence<kWidth<T>>{});
+  if constexpr (H > 1) transpose<T, H / 2>(m);
+}
+
+// dz columns per step of weight_grad_tile_cl (their OB vectors each stay in registers for the step)
+template <int OB>
+constexpr int kDzColumns = OB == 1 ? 4 : 2;
+
+// Channel path: gwcl[c][ky + y][kx0 + b][v*W ..] += sum_{i, j} x_pad[c][i + ky + y][j + kx0 + b] *
+// dzcl[i][j][v*W ..] for RY kernel rows, KB taps and OB channel vectors (gwcl, dzcl pointing at the first output
+// channel). dzcl is dz laid out channels last, (2 ho, 2 wo, op), padded channels zero. RY * KB * OB independent
+// accumulators (10 for LeNet's second block in float): fewer would leave the FMA units waiting on their latency.
+template <typename T, int RY, int KB, int OB>
 FASTMNIST_INLINE void weight_grad_tile_cl(const T* dzcl, const T* xpad, const Geometry& g, int64_t c, int64_t ky,
                                           int64_t kx0, T* gwcl) {
   constexpr int W = kWidth<T>;
-  Vec<T> acc[KB][OB] = {};
+  constexpr int J = kDzColumns<OB>;
+  const int64_t conv_w = 2 * g.wo;
+  Vec<T> acc[RY][KB][OB] = {};
   for (int64_t i = 0; i < 2 * g.ho; ++i) {
     const T* xr = xpad + (c * g.xh + i + ky) * g.xw + kx0;
-    const T* dr = dzcl + i * 2 * g.wo * g.op;
-    for (int64_t j = 0; j < 2 * g.wo; ++j) {
-      Vec<T> dv[OB];
-#pragma GCC unroll 16
-      for (int v = 0; v < OB; ++v) dv[v] = cpu::load<T>(dr + j * g.op + v * W);
-#pragma GCC unroll 16
-      for (int b = 0; b < KB; ++b) {
-        const T xk = xr[j + b];
-#pragma GCC unroll 16
-        for (int v = 0; v < OB; ++v) acc[b][v] += dv[v] * xk;
-      }
-    }
+    const T* dr = dzcl + i * conv_w * g.op;
+    int64_t j = 0;
+    for (; j + J <= conv_w; j += J) weight_grad_step_cl<T, RY, KB, OB, J>(dr + j * g.op, xr + j, g.xw, g.op, acc);
+    for (; j < conv_w; ++j) weight_grad_step_cl<T, RY, KB, OB, 1>(dr + j * g.op, xr + j, g.xw, g.op, acc);
   }
 #pragma GCC unroll 16
-  for (int b = 0; b < KB; ++b)
+  for (int y = 0; y < RY; ++y)
 #pragma GCC unroll 16
-    for (int v = 0; v < OB; ++v) {
-      T* p = gwcl + ((c * g.k + ky) * g.k + kx0 + b) * g.op + v * W;
-      cpu::store(p, cpu::load<T>(p) + acc[b][v]);
-    }
+    for (int b = 0; b < KB; ++b)
+#pragma GCC unroll 16
+      for (int v = 0; v < OB; ++v) {
+        T* p = gwcl + ((c * g.k + ky + y) * g.k + kx0 + b) * g.op + v * W;
+        cpu::store(p, cpu::load<T>(p) + acc[y][b][v]);
+      }
 }
 
 // Backward for one chunk of samples [n0, n1): grad_x rows of those samples (if gx), and this chunk's partial
 // sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf, dz and dzcl (channel path) are
 // this task's zeroed scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W
-// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip (C_in, C_out, k, k) is W flipped in
-// both spatial dimensions (only for gx).
+// (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip is W flipped in both spatial
+// dimensions and packed for grad_x's tiles (input_grad_weights; only for gx).
 template <typename T, Activation A, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
@@ -543,55 +653,81 @@ struct ConvActPoolBackward {
       if (o < g.o) weight_grad<OB - 1>(o, dz, xpad, g, gw);
     }
   }
-  // Channel path: dz transposed to channels last, then tiles of K taps x 2 channel vectors (10 accumulators
-  // for LeNet's float case), a last single vector alone.
+  // Channel path: dz transposed to channels last, then tiles of kernel rows x K taps x channel vectors.
   static FASTMNIST_INLINE void weight_grad_cl(const T* dz, T* dzcl, const T* xpad, const Geometry& g, T* gwcl) {
     constexpr int W = kWidth<T>;
     const int64_t q = g.k - 1, conv_w = 2 * g.wo;
-    for (int64_t o = 0; o < g.o; ++o)
-      for (int64_t i = 0; i < 2 * g.ho; ++i) {
-        const T* drow = dz + (o * g.dh + q + i) * g.dw + q;
-        for (int64_t j = 0; j < conv_w; ++j) dzcl[(i * conv_w + j) * g.op + o] = drow[j];
-      }
-    for (int64_t c = 0; c < g.c; ++c)
-      for (int64_t ky = 0; ky < g.k; ++ky) {
-        int64_t o0 = 0;
-        for (; o0 + 2 * W <= g.op; o0 += 2 * W) weight_grad_taps<2>(dzcl + o0, xpad, g, c, ky, gwcl + o0);
-        if (o0 < g.op) weight_grad_taps<1>(dzcl + o0, xpad, g, c, ky, gwcl + o0);
-      }
+    // W x W blocks (channels x columns) transposed in registers; padded channels get zeros
+    for (int64_t o0 = 0; o0 < g.op; o0 += W)
+      for (int64_t i = 0; i < 2 * g.ho; ++i)
+        for (int64_t j0 = 0; j0 < conv_w; j0 += W) {
+          Vec<T> block[W];
+#pragma GCC unroll 16
+          for (int oo = 0; oo < W; ++oo)
+            block[oo] = o0 + oo < g.o ? cpu::load<T>(dz + ((o0 + oo) * g.dh + q + i) * g.dw + q + j0) : Vec<T>{};
+          transpose<T>(block);
+          const int64_t ncols = std::min<int64_t>(W, conv_w - j0);
+          for (int64_t jj = 0; jj < ncols; ++jj) cpu::store(dzcl + (i * conv_w + j0 + jj) * g.op + o0, block[jj]);
+        }
+    for (int64_t c = 0; c < g.c; ++c) {
+      int64_t o0 = 0;
+      for (; o0 + 2 * W <= g.op; o0 += 2 * W) weight_grad_rows<2>(dzcl + o0, xpad, g, c, gwcl + o0);
+      if (o0 < g.op) weight_grad_rows<1>(dzcl + o0, xpad, g, c, gwcl + o0);
+    }
   }
+  // All kernel rows of input channel c for OB channel vectors: in pairs of rows where the accumulators of two
+  // fit in the vector registers (32 with 64-byte vectors, 16 with 32-byte ones) next to the dz vectors.
   template <int OB>
+  static FASTMNIST_INLINE void weight_grad_rows(const T* dzcl, const T* xpad, const Geometry& g, int64_t c,
+                                                T* gwcl) {
+    constexpr int KB = KS > 0 ? KS : 1;
+    constexpr int RY = 2 * KB * OB + kDzColumns<OB> * OB + 2 <= kVectorRegisters ? 2 : 1;
+    int64_t ky = 0;
+    for (; ky + RY <= g.k; ky += RY) weight_grad_taps<RY, OB>(dzcl, xpad, g, c, ky, gwcl);
+    if (ky < g.k) weight_grad_taps<1, OB>(dzcl, xpad, g, c, ky, gwcl);
+  }
+  template <int RY, int OB>
   static FASTMNIST_INLINE void weight_grad_taps(const T* dzcl, const T* xpad, const Geometry& g, int64_t c,
                                                 int64_t ky, T* gwcl) {
     if constexpr (KS > 0) {
-      weight_grad_tile_cl<T, KS, OB>(dzcl, xpad, g, c, ky, 0, gwcl);
+      weight_grad_tile_cl<T, RY, KS, OB>(dzcl, xpad, g, c, ky, 0, gwcl);
     } else {
-      for (int64_t kx = 0; kx < g.k; ++kx) weight_grad_tile_cl<T, 1, OB>(dzcl, xpad, g, c, ky, kx, gwcl);
+      for (int64_t kx = 0; kx < g.k; ++kx) weight_grad_tile_cl<T, RY, 1, OB>(dzcl, xpad, g, c, ky, kx, gwcl);
     }
   }
 
-  template <int OB, int CB>
-  static FASTMNIST_INLINE void input_grad_block(const T* dz, const Geometry& g, const T* wflip, int64_t c0, T* gx) {
+  // grad_x rows h .. h + R - 1 of input channels c0 .. c0 + OB - 1.
+  template <int R, int OB, int CB>
+  static FASTMNIST_INLINE void input_grad_rows(const T* dz, const Geometry& g, const T* wflip, int64_t c0, int64_t h,
+                                               T* gx) {
     constexpr int W = kWidth<T>;
     const T* base = dz + g.pad * g.dw + g.pad;
     const int64_t q = g.k - 1;
-    for (int64_t h = 0; h < g.h; ++h) {
-      for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
-        const int64_t col0 = tile * CB * W;
-        Vec<T> acc[1][OB][CB];
-        // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this row reads plane rows pad + h + t
-        conv_tile<T, KS, 1, OB, CB>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k,
-                                    g.o * g.k * g.k, g.o, g.k, q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
-        const int64_t ncols = std::min<int64_t>(CB * W, g.w - col0);
+    for (int64_t tile = 0; tile < g.in_tiles; ++tile) {
+      const int64_t col0 = tile * CB * W;
+      Vec<T> acc[R][OB][CB];
+      // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this tile reads plane rows pad + h + t
+      conv_tile<T, KS, R, OB, CB, true>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k, 0,
+                                        g.o, g.k, q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
+      const int64_t ncols = std::min<int64_t>(CB * W, g.w - col0);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
-          T* row = gx + ((c0 + o) * g.h + h) * g.w + col0;
+          T* row = gx + ((c0 + o) * g.h + h + r) * g.w + col0;
 #pragma GCC unroll 16
           for (int v = 0; v < CB; ++v)
-            store_first<T>(row + v * W, acc[0][o][v], std::clamp<int64_t>(ncols - v * W, 0, W));
+            store_first<T>(row + v * W, acc[r][o][v], std::clamp<int64_t>(ncols - v * W, 0, W));
         }
-      }
     }
+  }
+  // Pairs of rows where their accumulators fit in the vector registers: each dz vector loaded then serves both.
+  template <int OB, int CB>
+  static FASTMNIST_INLINE void input_grad_block(const T* dz, const Geometry& g, const T* wflip, int64_t c0, T* gx) {
+    constexpr int R = 2 * OB * CB + CB + 2 <= kVectorRegisters ? 2 : 1;
+    int64_t h = 0;
+    for (; h + R <= g.h; h += R) input_grad_rows<R, OB, CB>(dz, g, wflip, c0, h, gx);
+    if (h < g.h) input_grad_rows<1, OB, CB>(dz, g, wflip, c0, h, gx);
   }
   template <int OB, int CB>
   static FASTMNIST_INLINE void input_grad_blocks(int64_t c, const T* dz, const Geometry& g, const T* wflip, T* gx) {
@@ -605,7 +741,7 @@ struct ConvActPoolBackward {
                                    T* gw, T* gb, T* xbuf, T* dz, T* dzcl, T* gwv, int64_t n0, int64_t n1) {
     constexpr int W = kWidth<T>;
     const int64_t wsize = g.o * g.c * g.k * g.k, kk = g.k * g.k;
-    if (gw != nullptr) std::fill(gwv, gwv + wsize * W, T(0));
+    if (gw != nullptr) std::fill(gwv, gwv + (g.chan ? g.c * kk * g.op : wsize * W), T(0));
     if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
     const int64_t out_numel = g.o * g.ho * g.wo;
     for (int64_t n = n0; n < n1; ++n) {
@@ -720,8 +856,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
     const int64_t wsize = weight.numel();
     at::Tensor w_partial = need_w ? at::empty({chunks, wsize}, x.options()) : at::Tensor();
     at::Tensor b_partial = need_b ? at::empty({chunks, c_out}, x.options()) : at::Tensor();
-    // (C_in, C_out, k, k), flipped in both spatial dimensions: grad_x is the forward conv of dz with it
-    const at::Tensor wflip = need_x ? w.flip({2, 3}).transpose(0, 1).contiguous() : at::Tensor();
+    const at::Tensor wflip = need_x ? input_grad_weights(w, kInGradBlock) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_backward_cpu", [&] {
       const Geometry geo = make_geometry<scalar_t>(x4, args.shape);
       const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
