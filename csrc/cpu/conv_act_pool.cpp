@@ -487,6 +487,23 @@ FASTMNIST_INLINE void form_dz(const T* gout, const T* act, const Geometry& g, T*
   }
 }
 
+// form_dz for the op's activation, chosen at run time: the activation enters backward only here, so the
+// backward kernels are built once per dtype and kernel size, not once per activation as well.
+template <typename T>
+FASTMNIST_INLINE void form_dz_for(Activation act, const T* gout, const T* act_out, const Geometry& g, T* dz, T* gb,
+                                  const T* gout_end, const T* act_end) {
+  switch (act) {
+    case Activation::Identity:
+      return form_dz<T, Activation::Identity>(gout, act_out, g, dz, gb, gout_end, act_end);
+    case Activation::Relu:
+      return form_dz<T, Activation::Relu>(gout, act_out, g, dz, gb, gout_end, act_end);
+    case Activation::Sigmoid:
+      return form_dz<T, Activation::Sigmoid>(gout, act_out, g, dz, gb, gout_end, act_end);
+    default:  // Tanh (check_conv_act_pool_args rejects leaky_relu)
+      return form_dz<T, Activation::Tanh>(gout, act_out, g, dz, gb, gout_end, act_end);
+  }
+}
+
 // Lanes S .. S + W - 1 of the 2W values (lo, hi): the row vector starting S elements after lo's (one valignd
 // at 64 bytes).
 template <typename T, int S, std::size_t... I>
@@ -633,7 +650,7 @@ FASTMNIST_INLINE void weight_grad_tile_cl(const T* dzcl, const T* xpad, const Ge
 // this task's zeroed scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W
 // (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip is W flipped in both spatial
 // dimensions and packed for grad_x's tiles (input_grad_weights; only for gx).
-template <typename T, Activation A, int KS>
+template <typename T, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
   template <int OB>
@@ -737,16 +754,16 @@ struct ConvActPoolBackward {
     }
   }
 
-  static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* wflip, const T* gout, const T* act, T* gx,
-                                   T* gw, T* gb, T* xbuf, T* dz, T* dzcl, T* gwv, int64_t n0, int64_t n1) {
+  static FASTMNIST_INLINE void run(const T* x, Geometry g, Activation a, const T* wflip, const T* gout, const T* act,
+                                   T* gx, T* gw, T* gb, T* xbuf, T* dz, T* dzcl, T* gwv, int64_t n0, int64_t n1) {
     constexpr int W = kWidth<T>;
     const int64_t wsize = g.o * g.c * g.k * g.k, kk = g.k * g.k;
     if (gw != nullptr) std::fill(gwv, gwv + (g.chan ? g.c * kk * g.op : wsize * W), T(0));
     if (gb != nullptr) std::fill(gb, gb + g.o, T(0));
     const int64_t out_numel = g.o * g.ho * g.wo;
     for (int64_t n = n0; n < n1; ++n) {
-      form_dz<T, A>(gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb,
-                    gout + g.n * out_numel, act != nullptr ? act + g.n * 4 * out_numel : nullptr);
+      form_dz_for<T>(a, gout + n * out_numel, act != nullptr ? act + n * 4 * out_numel : nullptr, g, dz, gb,
+                     gout + g.n * out_numel, act != nullptr ? act + g.n * 4 * out_numel : nullptr);
       if (gw != nullptr) {
         fill_padded<T>(x + n * g.sxn, g, xbuf);
         if (g.chan) {
@@ -772,6 +789,20 @@ struct ConvActPoolBackward {
     }
   }
 };
+
+// Calls f(ActivationConstant<A>{}) for the op's activation: the four that check_conv_act_pool_args accepts, so
+// that no forward kernel is built for leaky_relu.
+template <typename F>
+auto with_conv_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::Identity: return f(ActivationConstant<Activation::Identity>{});
+    case Activation::Relu: return f(ActivationConstant<Activation::Relu>{});
+    case Activation::Sigmoid: return f(ActivationConstant<Activation::Sigmoid>{});
+    default: break;
+  }
+  TORCH_INTERNAL_ASSERT(act == Activation::Tanh, "conv_act_pool: leaky_relu reached the kernel");
+  return f(ActivationConstant<Activation::Tanh>{});
+}
 
 // Calls f(std::integral_constant<int, KS>{}) with KS = 5 (LeNet's kernel, fully unrolled) or 0 (any size).
 template <typename F>
@@ -818,7 +849,7 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
     scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
     // about 64k multiply-adds per task at least
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, g.o * g.c * g.k * g.k * 4 * g.ho * g.wo));
-    cpu::with_activation(args.act, [&](auto a) {
+    with_conv_activation(args.act, [&](auto a) {
       constexpr Activation A = decltype(a)::value;
       with_kernel_size(g.k, [&](auto ks) {
         constexpr int KS = decltype(ks)::value;
@@ -866,22 +897,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
       scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* wp_ptr = need_w ? w_partial.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* bp_ptr = need_b ? b_partial.mutable_data_ptr<scalar_t>() : nullptr;
-      cpu::with_activation(args.act, [&](auto a) {
-        constexpr Activation A = decltype(a)::value;
-        with_kernel_size(geo.k, [&](auto ks) {
-          constexpr int KS = decltype(ks)::value;
-          at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-            std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw + kRowSlack<scalar_t> : 0, scalar_t(0));
-            std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
-            std::vector<scalar_t> dzcl(need_w && geo.chan ? 4 * geo.ho * geo.wo * geo.op : 0, scalar_t(0));
-            std::vector<scalar_t> gwv(need_w ? wsize * kWidth<scalar_t> : 0);
-            for (int64_t c = c0; c < c1; ++c) {
-              cpu::run_kernel<ConvActPoolBackward<scalar_t, A, KS>>(
-                  x_ptr, geo, wf_ptr, g_ptr, a_ptr, gx_ptr, wp_ptr ? wp_ptr + c * wsize : nullptr,
-                  bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), dzcl.data(), gwv.data(), c * kChunk,
-                  std::min(n, (c + 1) * kChunk));
-            }
-          });
+      with_kernel_size(geo.k, [&](auto ks) {
+        constexpr int KS = decltype(ks)::value;
+        at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+          std::vector<scalar_t> xbuf(need_w ? geo.c * geo.xh * geo.xw + kRowSlack<scalar_t> : 0, scalar_t(0));
+          std::vector<scalar_t> dz(geo.o * geo.dh * geo.dw, scalar_t(0));
+          std::vector<scalar_t> dzcl(need_w && geo.chan ? 4 * geo.ho * geo.wo * geo.op : 0, scalar_t(0));
+          std::vector<scalar_t> gwv(need_w ? wsize * kWidth<scalar_t> : 0);
+          for (int64_t c = c0; c < c1; ++c) {
+            cpu::run_kernel<ConvActPoolBackward<scalar_t, KS>>(
+                x_ptr, geo, args.act, wf_ptr, g_ptr, a_ptr, gx_ptr, wp_ptr ? wp_ptr + c * wsize : nullptr,
+                bp_ptr ? bp_ptr + c * c_out : nullptr, xbuf.data(), dz.data(), dzcl.data(), gwv.data(), c * kChunk,
+                std::min(n, (c + 1) * kChunk));
+          }
         });
       });
       // chunk partials added in chunk order
