@@ -14,7 +14,8 @@
 //   loss      value and d loss / d logits, by the loss ops' own row kernels (cross-entropy, BCE)
 //   backward  from the last layer to the first: the gradient w.r.t. the layer input is computed (only when an
 //             earlier layer has parameters) BEFORE that layer's parameters are updated, then the parameter
-//             gradients and the optimizer update follow in one pass per parameter
+//             gradients and the optimizer update follow in one pass per parameter (plain SGD on a layer whose
+//             weight gradient goes through BLAS: the update is that GEMM itself, W += -lr * g^T x with beta = 1)
 // The update formulas are torch.optim's (SGD with momentum/dampening/nesterov/weight decay; Adam and AdamW),
 // evaluated in the same order, so the numbers match an eager step to rounding.
 
@@ -444,6 +445,8 @@ class FusedStep : public torch::CustomClassHolder {
           }
           if (g.size(0) == 1) {
             update_rows(pw, in2d, g, lr);  // batch 1: grad_W[o, k] = g[0, o] x[0, k], formed in the update
+          } else if (plain_sgd() && linear_sgd_weight_update(layer.weight, g, in2d, lr)) {
+            // plain SGD on a BLAS layer: the update was the weight-gradient GEMM itself
           } else {
             linear_grad_weight_into(ws.param_grads[pw], g, in2d, i == reader ? rows : at::Tensor());
             update(pw, ws.param_grads[pw], lr);
@@ -551,6 +554,9 @@ class FusedStep : public torch::CustomClassHolder {
       });
     });
   }
+
+  // SGD without momentum or weight decay: p -= lr * grad
+  bool plain_sgd() const { return optimizer_ == OptimizerKind::SGD && momentum_ == 0 && weight_decay_ == 0; }
 
   // Adam's step count, a scalar tensor as torch.optim keeps it: += 1 in place; returns the new count.
   static double increment_step(at::Tensor& step_count) {

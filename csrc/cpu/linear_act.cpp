@@ -397,6 +397,12 @@ void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at:
   });
 }
 
+bool linear_sgd_weight_update(const at::Tensor& w, const at::Tensor& gz, const at::Tensor& x2d, double lr) {
+  if (gz.size(1) <= small_n_limit()) return false;
+  w.addmm_(gz.t(), x2d, /*beta=*/1, /*alpha=*/-lr);
+  return true;
+}
+
 void linear_grad_input_into(at::Tensor& grad_x, const at::Tensor& gz, const at::Tensor& w) {
   const int64_t m = gz.size(0), n = gz.size(1), k = w.size(1);
   if (n > small_n_limit()) {

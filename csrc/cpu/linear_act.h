@@ -30,4 +30,10 @@ void linear_grad_input_into(at::Tensor& grad_x, const at::Tensor& gz, const at::
 void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at::Tensor& x2d,
                              const at::Tensor& row_index = {});
 
+// Plain SGD's update of a linear layer's weight, w (n, k) -= lr * gz (m, n)^T @ x2d (m, k), as one GEMM with
+// beta = 1 and alpha = -lr where the weight gradient goes through BLAS (n above the small-output limit): the
+// gradient is never written and read back. Returns false, doing nothing, for the small-output layers, whose
+// own kernels write the gradient.
+bool linear_sgd_weight_update(const at::Tensor& w, const at::Tensor& gz, const at::Tensor& x2d, double lr);
+
 }  // namespace fastmnist
