@@ -12,7 +12,7 @@ else
   echo "setup: no torch installed; installing torch==2.13.0"
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet setuptools wheel ninja numpy tqdm matplotlib pillow pytest hypothesis expecttest
+"$PYTHON" -m pip install --quiet "setuptools>=77" wheel ninja numpy tqdm matplotlib pillow pytest hypothesis expecttest
 # --no-build-isolation: compile against the torch installed above, not one pip would fetch for the build.
 "$PYTHON" -m pip install --quiet --no-build-isolation -e .
 "$PYTHON" -c "import fastmnist, torch; fastmnist._lib.require_library(); print('setup: fastmnist', fastmnist.__version__, 'built against torch', torch.__version__)"
