@@ -34,6 +34,7 @@
 #include "cpu/cross_entropy.h"
 #include "cpu/loss_vec.h"
 #include "cross_entropy_args.h"
+#include "linear_cross_entropy_chunks.h"
 
 #include <cmath>
 #include <limits>
@@ -444,44 +445,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cpu(
   return {grad, grad_q};
 }
 
-// The chunked classifier head, shared by forward and backward. Per chunk of x rows: logits = x W^T + b into
-// `buf`, the row kernel (loss and/or gradient in place), then the chunk's gradient GEMMs.
+// linear_cross_entropy_chunks.h with this file's row kernel
 template <typename T>
-void linear_ce_chunks(const LinearCEArgs& a, CERows<T> p, bool grads, at::Tensor& grad_x, at::Tensor& grad_w,
-                      at::Tensor& grad_b, std::array<bool, 3> mask) {
-  const int64_t width = a.D * a.C;
-  const int64_t chunk = std::min<int64_t>(
-      std::max(kChunkBytes / std::max<int64_t>(1, width * int64_t(sizeof(T))), kMinChunkRows),
-      std::max<int64_t>(a.N, 1));
-  at::Tensor buf = at::empty({chunk, width}, a.x.options());
-  const at::Tensor wt = a.w.t();
-  for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
-    const int64_t len = std::min(chunk, a.N - n0);
-    const int64_t r0 = n0 * a.D, nrows = len * a.D;
-    at::Tensor logits = buf.narrow(0, 0, len);
-    const at::Tensor xc = a.x.narrow(0, n0, len);
-    if (a.b.defined()) {
-      at::addmm_out(logits, a.b, xc, wt);
-    } else {
-      at::mm_out(logits, xc, wt);
-    }
-    CERows<T> c = p;
-    c.x = logits.const_data_ptr<T>();
-    if (c.y != nullptr) c.y += r0;
-    if (c.q != nullptr) c.q += r0 * a.C;
-    c.lse += r0;
-    if (c.loss != nullptr) c.loss += r0;
-    if (grads) c.grad = logits.mutable_data_ptr<T>();
-    if (grads) c.gscale += r0 * c.gscale_stride;
-    cpu::cross_entropy_rows<T>(c, nrows);
-    if (!grads) continue;
-    if (mask[0]) {
-      at::Tensor gx = grad_x.narrow(0, n0, len);
-      at::mm_out(gx, logits, a.w);
-    }
-    if (mask[1]) grad_w.addmm_(logits.t(), xc);
-    if (mask[2]) grad_b.add_(logits.sum(0));
-  }
+void linear_ce_chunks(const LinearCEArgs& a, const CERows<T>& p, bool grads, LinearCEGrads& g) {
+  const int64_t chunk = linear_ce_chunk_rows(a, sizeof(T), kChunkBytes, kMinChunkRows);
+  fastmnist::linear_ce_chunks<T>(a, p, grads, chunk, g,
+                                 [](const CERows<T>& c, int64_t rows) { cpu::cross_entropy_rows<T>(c, rows); });
 }
 
 template <typename T>
@@ -506,14 +475,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   a.class_weight = padded_class_weight(a.class_weight);
   const int64_t rows = a.N * a.D;
   const bool precompute = reduction != kNone && (grad_mask[0] || grad_mask[1] || (grad_mask[2] && a.b.defined()));
-  std::array<bool, 3> mask = {precompute && grad_mask[0], precompute && grad_mask[1],
-                              precompute && grad_mask[2] && a.b.defined()};
-  const auto opts = x.options();
-  at::Tensor loss_rows = at::empty({rows}, opts);
-  at::Tensor lse = at::empty({rows}, opts.dtype(at::kDouble));
-  at::Tensor grad_x = mask[0] ? at::empty({a.N, x.size(1)}, opts) : at::empty({0}, opts);
-  at::Tensor grad_w = mask[1] ? at::zeros_like(a.w) : at::empty({0}, opts);
-  at::Tensor grad_b = mask[2] ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
+  LinearCEGrads grads = make_linear_ce_grads(
+      a, x, weight, {precompute && grad_mask[0], precompute && grad_mask[1], precompute && grad_mask[2]});
+  at::Tensor loss_rows = at::empty({rows}, x.options());
+  at::Tensor lse = at::empty({rows}, x.options().dtype(at::kDouble));
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cross_entropy_cpu", [&] {
     CERows<scalar_t> p = linear_rows<scalar_t>(a, ignore_index, label_smoothing);
@@ -525,10 +490,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       p.gscale = &one;
       p.gmul = reduction == kMean ? scalar_t(1.0 / divisor) : scalar_t(1);
     }
-    linear_ce_chunks<scalar_t>(a, p, precompute, grad_x, grad_w, grad_b, mask);
+    linear_ce_chunks<scalar_t>(a, p, precompute, grads);
     loss = reduce_loss<scalar_t>(loss_rows, reduction, divisor);
   });
-  return {loss, lse, grad_x, grad_w, grad_b};
+  return {loss, lse, grads.x, grads.w, grads.b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
@@ -542,12 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   const int64_t rows = a.N * a.D;
   check_ce_grad_loss_args(op, grad_loss, lse, "x", x, reduction, rows);
   a.class_weight = padded_class_weight(a.class_weight);
-  std::array<bool, 3> mask = {output_mask[0], output_mask[1], output_mask[2] && a.b.defined()};
-  const auto opts = x.options();
-  at::Tensor grad_x = mask[0] ? at::empty({a.N, x.size(1)}, opts) : at::empty({0}, opts);
-  at::Tensor grad_w = mask[1] ? at::zeros_like(a.w) : at::empty({0}, opts);
-  at::Tensor grad_b = mask[2] ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
-  if (!(mask[0] || mask[1] || mask[2])) return {grad_x, grad_w, grad_b};
+  LinearCEGrads grads = make_linear_ce_grads(a, x, weight, output_mask);
+  if (!(grads.mask[0] || grads.mask[1] || grads.mask[2])) return {grads.x, grads.w, grads.b};
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
@@ -558,9 +519,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
     p.gscale = g.const_data_ptr<scalar_t>();
     p.gscale_stride = reduction == kNone ? 1 : 0;
     p.gmul = reduction == kMean ? scalar_t(1.0 / divisor) : scalar_t(1);
-    linear_ce_chunks<scalar_t>(a, p, true, grad_x, grad_w, grad_b, mask);
+    linear_ce_chunks<scalar_t>(a, p, true, grads);
   });
-  return {grad_x, grad_w, grad_b};
+  return {grads.x, grads.w, grads.b};
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "cross_entropy_args.h"
+#include "linear_cross_entropy_chunks.h"
 #include "cuda/common.cuh"
 
 #include <cmath>
@@ -41,6 +42,7 @@ constexpr int kWarpKernelThreads = 256;  // 8 rows per block
 constexpr int kBlockThreads = 512;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 constexpr int64_t kChunkBytes = int64_t(64) << 20;  // linear_cross_entropy: logits buffer per chunk
+constexpr int64_t kMinChunkRows = 16;
 
 template <typename T>
 struct CEParams {
@@ -317,44 +319,14 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_backward_cuda(
   return {grad, grad_q};
 }
 
-// The chunked classifier head, shared by forward and backward. Per chunk of x rows: logits = x W^T + b into
-// `buf`, the row kernel (loss and/or gradient in place), then the chunk's gradient GEMMs.
+// linear_cross_entropy_chunks.h with this file's row kernel
 template <typename T>
-void linear_ce_chunks(const LinearCEArgs& a, CEParams<T> p, bool grads, at::Tensor& grad_x, at::Tensor& grad_w,
-                      at::Tensor& grad_b, std::array<bool, 3> mask) {
-  const int64_t width = a.D * a.C;
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(1, width * int64_t(sizeof(T))), 16,
-                                            std::max<int64_t>(a.N, 1));
-  at::Tensor buf = at::empty({chunk, width}, a.x.options());
-  const at::Tensor wt = a.w.t();
-  for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
-    const int64_t len = std::min(chunk, a.N - n0);
-    const int64_t r0 = n0 * a.D;
-    at::Tensor logits = buf.narrow(0, 0, len);
-    const at::Tensor xc = a.x.narrow(0, n0, len);
-    if (a.b.defined()) {
-      at::addmm_out(logits, a.b, xc, wt);
-    } else {
-      at::mm_out(logits, xc, wt);
-    }
-    CEParams<T> c = p;
-    c.x = logits.const_data_ptr<T>();
-    c.rows = len * a.D;
-    if (c.y != nullptr) c.y += r0;
-    if (c.q != nullptr) c.q += r0 * a.C;
-    c.lse += r0;
-    if (c.loss != nullptr) c.loss += r0;
-    if (grads) c.grad = logits.mutable_data_ptr<T>();
-    if (grads && c.gscale != nullptr) c.gscale += r0 * c.gscale_stride;
+void linear_ce_chunks(const LinearCEArgs& a, const CEParams<T>& p, bool grads, LinearCEGrads& g) {
+  const int64_t chunk = linear_ce_chunk_rows(a, sizeof(T), kChunkBytes, kMinChunkRows);
+  fastmnist::linear_ce_chunks<T>(a, p, grads, chunk, g, [](CEParams<T> c, int64_t rows) {
+    c.rows = rows;
     launch_rows<T>(c);
-    if (!grads) continue;
-    if (mask[0]) {
-      at::Tensor gx = grad_x.narrow(0, n0, len);
-      at::mm_out(gx, logits, a.w);
-    }
-    if (mask[1]) grad_w.addmm_(logits.t(), xc);
-    if (mask[2]) grad_b.add_(logits.sum(0));
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(
@@ -368,23 +340,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
   const int64_t rows = a.N * a.D;
   const bool precompute = reduction != kNone && (grad_mask[0] || grad_mask[1] || (grad_mask[2] && a.b.defined()));
-  std::array<bool, 3> mask = {precompute && grad_mask[0], precompute && grad_mask[1],
-                              precompute && grad_mask[2] && a.b.defined()};
-  const auto opts = x.options();
-  at::Tensor loss_rows = at::empty({rows}, opts.dtype(at::toOpMathType(x.scalar_type())));
-  at::Tensor lse = at::empty({rows}, opts.dtype(at::kDouble));
-  at::Tensor grad_x = mask[0] ? at::empty({a.N, x.size(1)}, opts) : at::empty({0}, opts);
-  at::Tensor grad_w = mask[1] ? at::zeros_like(a.w) : at::empty({0}, opts);
-  at::Tensor grad_b = mask[2] ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
+  LinearCEGrads grads = make_linear_ce_grads(
+      a, x, weight, {precompute && grad_mask[0], precompute && grad_mask[1], precompute && grad_mask[2]});
+  at::Tensor loss_rows = at::empty({rows}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  at::Tensor lse = at::empty({rows}, x.options().dtype(at::kDouble));
   Scalars sc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_cross_entropy_cuda", [&] {
     CEParams<scalar_t> p = make_params<scalar_t>(a.target, a.class_weight, a.prob, rows, a.C, ignore_index,
                                                  label_smoothing, reduction, sc);
     p.lse = lse.mutable_data_ptr<double>();
     p.loss = loss_rows.mutable_data_ptr<acc_t<scalar_t>>();
-    linear_ce_chunks<scalar_t>(a, p, precompute, grad_x, grad_w, grad_b, mask);  // gscale null: grad_output 1
+    linear_ce_chunks<scalar_t>(a, p, precompute, grads);  // gscale null: grad_output 1
   });
-  return {reduce_loss(loss_rows, reduction, sc, rows, x.scalar_type()), lse, grad_x, grad_w, grad_b};
+  return {reduce_loss(loss_rows, reduction, sc, rows, x.scalar_type()), lse, grads.x, grads.w, grads.b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cuda(
@@ -400,12 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   check_ce_grad_loss_args(op, grad_loss, lse, "x", x, reduction, rows);
   TORCH_CHECK(lse.device() == x.device(), op, ": lse is on ", lse.device(), " but x is on ", x.device());
   const c10::cuda::OptionalCUDAGuard guard(device_of(x));
-  std::array<bool, 3> mask = {output_mask[0], output_mask[1], output_mask[2] && a.b.defined()};
-  const auto opts = x.options();
-  at::Tensor grad_x = mask[0] ? at::empty({a.N, x.size(1)}, opts) : at::empty({0}, opts);
-  at::Tensor grad_w = mask[1] ? at::zeros_like(a.w) : at::empty({0}, opts);
-  at::Tensor grad_b = mask[2] ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
-  if (!(mask[0] || mask[1] || mask[2])) return {grad_x, grad_w, grad_b};
+  LinearCEGrads grads = make_linear_ce_grads(a, x, weight, output_mask);
+  if (!(grads.mask[0] || grads.mask[1] || grads.mask[2])) return {grads.x, grads.w, grads.b};
   const at::Tensor g = grad_loss.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   Scalars sc;
@@ -417,9 +381,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
     p.lse_in = true;
     p.gscale = g.const_data_ptr<scalar_t>();
     p.gscale_stride = reduction == kNone ? 1 : 0;
-    linear_ce_chunks<scalar_t>(a, p, true, grad_x, grad_w, grad_b, mask);
+    linear_ce_chunks<scalar_t>(a, p, true, grads);
   });
-  return {grad_x, grad_w, grad_b};
+  return {grads.x, grads.w, grads.b};
 }
 
 }  // namespace
