@@ -149,6 +149,22 @@ Geometry make_geometry(const at::Tensor& x4, const ConvActPoolShape& s) {
   return g;
 }
 
+#if FASTMNIST_VEC_BYTES == 64
+// The AVX-512 mask of lanes 0 .. n - 1 (n < W; for doubles the low 8 bits are used).
+FASTMNIST_INLINE __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
+// The first n (< W) values at p in lanes 0 .. n - 1, the other lanes zero: one masked load, which reads nothing
+// past p[n - 1].
+template <typename T>
+FASTMNIST_INLINE Vec<T> load_first(const T* p, int64_t n) {
+  if constexpr (sizeof(T) == 4) {
+    return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_ps(first_lanes(n), p));
+  } else {
+    return reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(first_lanes(n)), p));
+  }
+}
+#endif
+
 // Stores the first n (<= W) lanes of v. With 64-byte vectors one masked store: the lane-by-lane loop went
 // through a copy of v on the stack, read back in 8-byte pieces that stalled on the vector store (on an Intel
 // Xeon, a quarter of the first LeNet block's forward, where every act and output row ends in a partial vector).
@@ -159,11 +175,10 @@ FASTMNIST_INLINE void store_first(T* p, Vec<T> v, int64_t n) {
     return;
   }
 #if FASTMNIST_VEC_BYTES == 64
-  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
   if constexpr (sizeof(T) == 4) {
-    _mm512_mask_storeu_ps(p, mask, reinterpret_cast<__m512>(v));
+    _mm512_mask_storeu_ps(p, first_lanes(n), reinterpret_cast<__m512>(v));
   } else {
-    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask), reinterpret_cast<__m512d>(v));
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(first_lanes(n)), reinterpret_cast<__m512d>(v));
   }
 #else
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
@@ -178,15 +193,7 @@ FASTMNIST_INLINE void copy_row(T* dst, const T* src, int64_t n) {
   constexpr int W = kWidth<T>;
   int64_t j = 0;
   for (; j + W <= n; j += W) cpu::store(dst + j, cpu::load<T>(src + j));
-  if (j < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - j)) - 1);
-    if constexpr (sizeof(T) == 4) {
-      store_first<T>(dst + j, reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_ps(mask, src + j)), n - j);
-    } else {
-      store_first<T>(dst + j, reinterpret_cast<Vec<T>>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), src + j)),
-                     n - j);
-    }
-  }
+  if (j < n) store_first<T>(dst + j, load_first<T>(src + j, n - j), n - j);
 #else
   std::copy(src, src + n, dst);
 #endif

@@ -42,7 +42,7 @@ constexpr int kWarpKernelThreads = 256;  // 8 rows per block
 constexpr int kBlockThreads = 512;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 constexpr int64_t kChunkBytes = int64_t(64) << 20;  // linear_cross_entropy: logits buffer per chunk
-constexpr int64_t kMinChunkRows = 16;
+constexpr int64_t kMinChunkRows = 16;                // ... but at least this many rows
 
 template <typename T>
 struct CEParams {
