@@ -164,6 +164,38 @@ def test_parity_batch_one(name, options, optimizer, dtype):
     assert_trains_like_eager(name, options, optimizer, dtype, batch=1, count=7)
 
 
+# A cross-entropy head (a last linear layer with few outputs, no activation) runs in row chunks of 64, its weight
+# gradient summed chunk by chunk: 150 rows make two whole chunks and a partial one.
+@pytest.mark.parametrize("name,optimizer,dtype", [("softmax", "sgd-momentum", torch.float32),
+                                                  ("softmax", "adam", torch.float64),
+                                                  ("twolayer", "sgd", torch.float32),
+                                                  ("mlp", "sgd-nesterov-wd", torch.float64)])
+def test_parity_head_in_row_chunks(name, optimizer, dtype):
+    assert_trains_like_eager(name, {}, optimizer, dtype, batch=150, count=2)
+
+
+def test_softmax_step_is_independent_of_the_thread_count():
+    """Every sum of softmax regression's step is taken in an order fixed by the batch size alone (the head's row
+    chunks, the bias gradient's row chunks), so one and two threads give the same parameters bit for bit. (Models
+    with a layer on BLAS are not: MKL's sums depend on the thread count.)"""
+    name = "softmax"
+    (x, y), = make_batches(name, {}, torch.float32, count=1, batch=150)
+    index = torch.randperm(150, generator=torch.Generator().manual_seed(5))
+    results = []
+    ambient = torch.get_num_threads()
+    for threads in (1, 2):
+        fused, _, step, *_ = make_pair(name, {}, "adam", torch.float32)
+        torch.set_num_threads(threads)
+        try:
+            losses = [step(x, y), step(x, y, index=index), step(x[:100], y[:100])]
+        finally:
+            torch.set_num_threads(ambient)
+        results.append((losses, [p.detach().clone() for p in fused.parameters()]))
+    (losses_1, params_1), (losses_2, params_2) = results
+    assert losses_1 == losses_2
+    assert all(torch.equal(a, b) for a, b in zip(params_1, params_2))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
 def test_mixing_fused_and_eager_steps_with_state_save_and_load(optimizer):
     """Alternate fused and eager steps on one model; save the optimizer state midway and load it into a fresh
@@ -234,10 +266,12 @@ def test_batch_sizes_change_between_steps():
     assert_parity(fused, eager, torch.float64)
 
 
-def test_ignored_targets_match_eager():
+@pytest.mark.parametrize("batch", [8, 150])  # one row chunk of the fused head, and three
+def test_ignored_targets_match_eager(batch):
     fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("softmax", {}, "sgd", torch.float64)
-    x, y = make_batches("softmax", {}, torch.float64, count=1)[0]
+    x, y = make_batches("softmax", {}, torch.float64, count=1, batch=batch)[0]
     y[::3] = -100
+    y[70:130] = -100  # a chunk's rows mostly ignored: the mean still divides by the whole batch's kept rows
     for _ in range(5):
         step(x, y)
         eager_step(eager, eager_loss, eager_opt, x, y)

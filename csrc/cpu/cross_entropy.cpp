@@ -296,8 +296,15 @@ void cross_entropy_rows_at_width(const CERows<T>& p, int64_t rows) {
   });
 }
 
+template <typename T>
+void cross_entropy_row_range_at_width(const CERows<T>& p, int64_t r0, int64_t r1) {
+  run_kernel<CrossEntropyRows<T>>(p, r0, r1);
+}
+
 template void cross_entropy_rows_at_width<float>(const CERows<float>&, int64_t);
 template void cross_entropy_rows_at_width<double>(const CERows<double>&, int64_t);
+template void cross_entropy_row_range_at_width<float>(const CERows<float>&, int64_t, int64_t);
+template void cross_entropy_row_range_at_width<double>(const CERows<double>&, int64_t, int64_t);
 
 }  // namespace FASTMNIST_VEC_NS
 }  // namespace cpu
@@ -310,6 +317,8 @@ namespace cpu {
 namespace vec512 {  // cpu/avx512/cross_entropy.cpp
 template <typename T>
 void cross_entropy_rows_at_width(const CERows<T>& p, int64_t rows);
+template <typename T>
+void cross_entropy_row_range_at_width(const CERows<T>& p, int64_t r0, int64_t r1);
 }  // namespace vec512
 #endif
 
@@ -321,8 +330,18 @@ void cross_entropy_rows(const CERows<T>& p, int64_t rows) {
   vec256::cross_entropy_rows_at_width<T>(p, rows);
 }
 
+template <typename T>
+void cross_entropy_row_range(const CERows<T>& p, int64_t r0, int64_t r1) {
+#if FASTMNIST_HAVE_X86_PATHS
+  if (cpu_path() == CpuPath::Avx512) return vec512::cross_entropy_row_range_at_width<T>(p, r0, r1);
+#endif
+  vec256::cross_entropy_row_range_at_width<T>(p, r0, r1);
+}
+
 template void cross_entropy_rows<float>(const CERows<float>&, int64_t);
 template void cross_entropy_rows<double>(const CERows<double>&, int64_t);
+template void cross_entropy_row_range<float>(const CERows<float>&, int64_t, int64_t);
+template void cross_entropy_row_range<double>(const CERows<double>&, int64_t, int64_t);
 
 template <typename T>
 double check_targets_and_weight_sum(const char* op, const int64_t* y, int64_t rows, int64_t C, const T* w,

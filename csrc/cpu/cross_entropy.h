@@ -32,6 +32,10 @@ struct CERows {
 template <typename T>
 void cross_entropy_rows(const CERows<T>& p, int64_t rows);
 
+// The same for rows [r0, r1) only, on the calling thread (for callers that split the rows themselves).
+template <typename T>
+void cross_entropy_row_range(const CERows<T>& p, int64_t r0, int64_t r1);
+
 // Checks the class-index targets y (rows,) before any row is read: each in [0, C) or equal to ignore_index, else
 // an IndexError naming the value. Returns the mean's divisor: the summed class weights w (or null: the count) of
 // the kept targets.

@@ -11,7 +11,10 @@
 //             outputs are what backward needs (linear: the output gives the activation derivative; layer norm
 //             also keeps the per-row mean and 1/std; the LeNet block keeps its pre-pooling activation, and
 //             allocates its outputs per call, as its op does)
-//   loss      value and d loss / d logits, by the loss ops' own row kernels (cross-entropy, BCE)
+//   loss      value and d loss / d logits, by the loss ops' own row kernels (cross-entropy, BCE); cross-entropy
+//             on a last linear layer with few outputs and no activation (every tutorial model's head but the
+//             classifier's) runs with that layer's forward and weight gradient in one pass over row chunks
+//             (head_forward_backward)
 //   backward  from the last layer to the first: the gradient w.r.t. the layer input is computed (only when an
 //             earlier layer has parameters) BEFORE that layer's parameters are updated, then the parameter
 //             gradients and the optimizer update follow in one pass per parameter (plain SGD on a layer whose
@@ -86,12 +89,16 @@ struct Workspace {
   std::vector<at::Tensor> param_grads;  // one per parameter, in parameter order
   at::Tensor loss_rows, row_sums;       // per-row loss; cross-entropy's log-sum-exp or BCE's loss sums
   at::Tensor batch, batch_target;       // an indexed step's gathered input (when not read in place) and targets
+  at::Tensor head_chunk_grads;          // (chunks, n, k): the fused head's weight gradient per row chunk
 };
 
 // Elements per task in the optimizer updates. A parallel region costs microseconds on a quiet machine and
 // milliseconds when another process holds a core (a thread waits out a time slice), so only updates big
 // enough to pay for it (784x400 weights, not 784x200) are split across threads.
 constexpr int64_t kGrain = 1 << 18;
+// Rows per chunk of the fused head's pass (head_forward_backward), fixed: the weight gradient's sum order depends
+// on it. Softmax regression's batch of 256 makes four chunks, two per thread.
+constexpr int64_t kHeadChunk = 64;
 
 class FusedStep : public torch::CustomClassHolder {
  public:
@@ -177,12 +184,18 @@ class FusedStep : public torch::CustomClassHolder {
       at::index_select_out(ws.batch_target, target, 0, *index);
       target = ws.batch_target;
     }
-    forward(input, rows, ws);
-    const at::Tensor& out = ws.outputs.back();
-    TORCH_CHECK(out.dim() == 2, "fused_step: the model must end in (N, classes) logits, got ", out.sizes());
-    logits_ = out;
-    const double loss = loss_and_grad(out, target, ws.grads.back(), ws);
-    backward(input, rows, lr, ws);
+    const bool head = fused_head();
+    forward(input, rows, ws, head ? layers_.size() - 1 : layers_.size());
+    double loss;
+    if (head) {
+      loss = head_forward_backward(input, rows, target, ws);
+    } else {
+      const at::Tensor& out = ws.outputs.back();
+      TORCH_CHECK(out.dim() == 2, "fused_step: the model must end in (N, classes) logits, got ", out.sizes());
+      loss = loss_and_grad(out, target, ws.grads.back(), ws);
+    }
+    logits_ = ws.outputs.back();
+    backward(input, rows, lr, ws, head);
     fresh_momentum_ = false;
     // parameters and optimizer state changed in place: bump their version counters as an in-place op would
     for (at::Tensor& p : params_) p.unsafeGetTensorImpl()->bump_version();
@@ -224,13 +237,13 @@ class FusedStep : public torch::CustomClassHolder {
   }
 
   // The layer that reads an indexed batch in place, or -1: the first layer with parameters, when it is a
-  // linear layer with few enough outputs for our own kernels (linear_gathers_in_place: softmax regression's 10,
+  // linear layer with few enough outputs for our own kernels (linear_small_output: softmax regression's 10,
   // the two-layer net's 50) and only flattens come before it.
   int64_t in_place_gather_layer() const {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
       if (layer.kind == LayerKind::Flatten) continue;
-      const bool reads_rows = layer.kind == LayerKind::Linear && linear_gathers_in_place(layer.weight.size(0));
+      const bool reads_rows = layer.kind == LayerKind::Linear && linear_small_output(layer.weight.size(0));
       return reads_rows ? static_cast<int64_t>(i) : -1;
     }
     return -1;
@@ -286,12 +299,18 @@ class FusedStep : public torch::CustomClassHolder {
     return workspaces_.emplace(batch_shape, std::move(ws)).first->second;
   }
 
-  // x is the batch, or, with rows (an indexed step read in place), all rows: then the flattens before the
-  // layer that reads them are skipped.
-  void forward(const at::Tensor& x, const at::Tensor& rows, Workspace& ws) {
+  // The input of layer i: the previous layer's output, or the step's x (the batch, or all rows when the layer
+  // reads an indexed batch in place).
+  static const at::Tensor& layer_input(int64_t i, int64_t reader, const at::Tensor& x, const Workspace& ws) {
+    return i > 0 && i != reader ? ws.outputs[i - 1] : x;
+  }
+
+  // Layers [0, end). x is the batch, or, with rows (an indexed step read in place), all rows: then the flattens
+  // before the layer that reads them are skipped.
+  void forward(const at::Tensor& x, const at::Tensor& rows, Workspace& ws, size_t end) {
     const int64_t reader = rows.defined() ? in_place_gather_layer() : -1;
     at::Tensor a = x;
-    for (int64_t i = std::max<int64_t>(reader, 0); i < static_cast<int64_t>(layers_.size()); ++i) {
+    for (int64_t i = std::max<int64_t>(reader, 0); i < static_cast<int64_t>(end); ++i) {
       const Layer& layer = layers_[i];
       at::Tensor& out = ws.outputs[i];
       switch (layer.kind) {
@@ -341,36 +360,110 @@ class FusedStep : public torch::CustomClassHolder {
     });
   }
 
+  static at::Tensor checked_class_targets(const at::Tensor& target, int64_t rows) {
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows,
+                "fused_step: cross-entropy needs int64 class indices of shape (", rows, ",), got ",
+                target.scalar_type(), " ", target.sizes());
+    return target.contiguous();
+  }
+
+  // The loss ops' cross-entropy row kernel's arguments for logits z (rows, classes) and class targets t (checked
+  // here, before any row is read), writing the logit gradient into grad. Returns the mean's divisor, the number of
+  // kept rows (0 for an all-ignored batch, whose mean is then 0/0 = NaN, as eager's).
+  template <typename T>
+  static double cross_entropy_args(cpu::CERows<T>& p, const at::Tensor& z, const at::Tensor& t, at::Tensor& grad,
+                                   Workspace& ws) {
+    static const T one = 1;
+    const int64_t rows = z.size(0), classes = z.size(1);
+    const double kept = cpu::check_targets_and_weight_sum<T>("fused_step", t.const_data_ptr<int64_t>(), rows,
+                                                             classes, nullptr, kIgnoreIndex);
+    p.x = z.const_data_ptr<T>();
+    p.C = classes;
+    p.y = t.const_data_ptr<int64_t>();
+    p.ignore_index = kIgnoreIndex;
+    p.w_sum = T(classes);
+    p.lse = ws.row_sums.mutable_data_ptr<double>();
+    p.loss = ws.loss_rows.mutable_data_ptr<T>();
+    p.grad = grad.mutable_data_ptr<T>();
+    p.gscale = &one;
+    p.gmul = T(1) / static_cast<T>(kept);
+    return kept;
+  }
+
+  template <typename T>
+  static double mean_loss(const cpu::CERows<T>& p, int64_t rows, double kept) {
+    double total = 0;
+    for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(p.loss[r]);
+    return total / kept;
+  }
+
+  // Whether the last layer and a cross-entropy loss run as one pass (head_forward_backward): the last layer is
+  // linear, without activation, and has few enough outputs for our own row kernels.
+  bool fused_head() const {
+    const Layer& last = layers_.back();
+    return loss_ == LossKind::CrossEntropy && last.kind == LayerKind::Linear &&
+           last.activation == Activation::Identity && linear_small_output(last.weight.size(0));
+  }
+
+  // The last layer's forward, the cross-entropy loss and the layer's weight gradient in one parallel pass over
+  // fixed chunks of kHeadChunk rows: per chunk its logits, loss rows and logit gradient, then its share of the
+  // weight gradient g^T x, whose input rows are still in this core's cache. As separate passes, the layer's input
+  // was read twice, and the weight-gradient kernel (which splits the columns, not the rows) read half of it from
+  // the other core's cache: a third of softmax regression's step, whose input is the 784-pixel images. The chunk
+  // shares are added in chunk order (deterministic for any thread count). Returns the loss.
+  double head_forward_backward(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& target,
+                               Workspace& ws) {
+    const int64_t last = static_cast<int64_t>(layers_.size()) - 1;
+    const Layer& layer = layers_[last];
+    const int64_t reader = rows.defined() ? in_place_gather_layer() : -1;
+    const at::Tensor& in = layer_input(last, reader, x, ws);
+    const at::Tensor& z = ws.outputs[last];
+    at::Tensor& grad_w = ws.param_grads[params_.size() - (layer.bias.defined() ? 2 : 1)];
+    const int64_t m = z.size(0), n = z.size(1), k = layer.weight.size(1);
+    const int64_t chunks = (m + kHeadChunk - 1) / kHeadChunk;
+    if (chunks > 1 && !ws.head_chunk_grads.defined()) ws.head_chunk_grads = at::empty({chunks, n, k}, z.options());
+    const at::Tensor t = checked_class_targets(target, m);
+    double loss = 0;
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_step_head", [&] {
+      using T = scalar_t;
+      cpu::CERows<T> p{};
+      const double kept = cross_entropy_args<T>(p, z, t, ws.grads[last], ws);
+      const T* xp = in.const_data_ptr<T>();
+      const int64_t* index = reader == last ? rows.const_data_ptr<int64_t>() : nullptr;
+      const T* w = layer.weight.const_data_ptr<T>();
+      const T* b = layer.bias.defined() ? layer.bias.const_data_ptr<T>() : nullptr;
+      T* logits = z.mutable_data_ptr<T>();
+      T* shares = chunks > 1 ? ws.head_chunk_grads.mutable_data_ptr<T>() : grad_w.mutable_data_ptr<T>();
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = c * kHeadChunk, r1 = std::min(m, r0 + kHeadChunk);
+          linear_forward_rows<T>(xp, index, w, b, logits, r0, r1, n, k, Activation::Identity, T(0));
+          cpu::cross_entropy_row_range<T>(p, r0, r1);
+          linear_grad_weight_rows<T>(p.grad, xp, index, shares + c * n * k, r0, r1, n, k);
+        }
+      });
+      if (chunks > 1) {
+        T* gw = grad_w.mutable_data_ptr<T>();
+        std::copy(shares, shares + n * k, gw);
+        for (int64_t c = 1; c < chunks; ++c)
+          for (int64_t i = 0; i < n * k; ++i) gw[i] += shares[c * n * k + i];
+      }
+      loss = mean_loss(p, m, kept);
+    });
+    return loss;
+  }
+
   // Loss value (mean reduction) and its gradient w.r.t. the logits z (rows, classes), written into grad.
   double loss_and_grad(const at::Tensor& z, const at::Tensor& target, at::Tensor& grad, Workspace& ws) {
     const int64_t rows = z.size(0), classes = z.size(1);
     double total = 0;
     if (loss_ == LossKind::CrossEntropy) {
-      TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == rows,
-                  "fused_step: cross-entropy needs int64 class indices of shape (", rows, ",), got ",
-                  target.scalar_type(), " ", target.sizes());
-      const at::Tensor t = target.contiguous();
-      const int64_t* tp = t.const_data_ptr<int64_t>();
-      // the loss ops' target check and row kernel; the mean over kept rows is 0/0 = NaN for an all-ignored
-      // batch, as eager
+      const at::Tensor t = checked_class_targets(target, rows);
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fused_step_cross_entropy", [&] {
-        const double kept = cpu::check_targets_and_weight_sum<scalar_t>("fused_step", tp, rows, classes, nullptr,
-                                                                        kIgnoreIndex);
-        const scalar_t one = 1;
         cpu::CERows<scalar_t> p{};
-        p.x = z.const_data_ptr<scalar_t>();
-        p.C = classes;
-        p.y = tp;
-        p.ignore_index = kIgnoreIndex;
-        p.w_sum = scalar_t(classes);
-        p.lse = ws.row_sums.mutable_data_ptr<double>();
-        p.loss = ws.loss_rows.mutable_data_ptr<scalar_t>();
-        p.grad = grad.mutable_data_ptr<scalar_t>();
-        p.gscale = &one;
-        p.gmul = scalar_t(1) / static_cast<scalar_t>(kept);
+        const double kept = cross_entropy_args<scalar_t>(p, z, t, grad, ws);
         cpu::cross_entropy_rows<scalar_t>(p, rows);
-        for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(p.loss[r]);
-        total /= kept;
+        total = mean_loss(p, rows, kept);
       });
       return total;
     }
@@ -414,7 +507,8 @@ class FusedStep : public torch::CustomClassHolder {
     return total;
   }
 
-  void backward(const at::Tensor& x, const at::Tensor& rows, double lr, Workspace& ws) {
+  // head: the last layer's weight gradient is already in its param_grads (head_forward_backward).
+  void backward(const at::Tensor& x, const at::Tensor& rows, double lr, Workspace& ws, bool head) {
     const int64_t reader = rows.defined() ? in_place_gather_layer() : -1;
     // index of the first parameter of each layer, and whether any layer before i has parameters
     std::vector<size_t> first_param(layers_.size());
@@ -429,7 +523,7 @@ class FusedStep : public torch::CustomClassHolder {
     for (int64_t i = static_cast<int64_t>(layers_.size()) - 1; i >= 0; --i) {
       if (i < first_with_params) break;  // nothing below needs a gradient
       const Layer& layer = layers_[i];
-      const at::Tensor& in = i > 0 && i != reader ? ws.outputs[i - 1] : x;
+      const at::Tensor& in = layer_input(i, reader, x, ws);
       at::Tensor& g = ws.grads[i];
       const bool need_input_grad = i > first_with_params;
       at::Tensor grad_in = i > 0 ? ws.grads[i - 1] : at::Tensor();
@@ -443,7 +537,9 @@ class FusedStep : public torch::CustomClassHolder {
             at::Tensor grad_in2d = grad_in.view({in.size(0), -1});
             linear_grad_input_into(grad_in2d, g, layer.weight);
           }
-          if (g.size(0) == 1) {
+          if (head && i == static_cast<int64_t>(layers_.size()) - 1) {
+            update(pw, ws.param_grads[pw], lr);
+          } else if (g.size(0) == 1) {
             update_rows(pw, in2d, g, lr);  // batch 1: grad_W[o, k] = g[0, o] x[0, k], formed in the update
           } else if (plain_sgd() && linear_sgd_weight_update(layer.weight, g, in2d, lr)) {
             // plain SGD on a BLAS layer: the update was the weight-gradient GEMM itself

@@ -8,9 +8,10 @@
 
 namespace fastmnist {
 
-// Whether a layer with this many outputs reads a gathered input in place (the row_index arguments below); for
-// wider layers the caller gathers the batch into a buffer first (their GEMMs go through BLAS).
-bool linear_gathers_in_place(int64_t out_features);
+// Whether a layer with this many outputs runs on our own small-output kernels rather than BLAS. Only those read a
+// gathered input in place (the row_index arguments below; for wider layers the caller gathers the batch into a
+// buffer first) and have the row-range entries at the end.
+bool linear_small_output(int64_t out_features);
 
 // y (m, n) = act(x2d (m, k) @ w (n, k)^T + b (n,) or no bias when undefined); all contiguous, same dtype.
 // With row_index (m,) int64 defined, row r of the input is x2d's row row_index[r] (indices already checked).
@@ -35,5 +36,16 @@ void linear_grad_weight_into(at::Tensor& grad_w, const at::Tensor& gz, const at:
 // gradient is never written and read back. Returns false, doing nothing, for the small-output layers, whose
 // own kernels write the gradient.
 bool linear_sgd_weight_update(const at::Tensor& w, const at::Tensor& gz, const at::Tensor& x2d, double lr);
+
+// The small-output kernels (linear_small_output(n)) on rows [r0, r1) of the batch only, on the calling thread, for
+// callers that split the rows themselves: y rows [r0, r1) of (m, n) = act(x (m, k) @ w (n, k)^T + b (n,) or no
+// bias when null), and grad_w (n, k) = gz[r0:r1]^T (n, r1 - r0) @ x[r0:r1] (r1 - r0, k), summed over the rows in
+// order. Contiguous data; row_index (null: dense rows) as above, indexed by batch row.
+template <typename T>
+void linear_forward_rows(const T* x, const int64_t* row_index, const T* w, const T* bias, T* y, int64_t r0,
+                         int64_t r1, int64_t n, int64_t k, Activation act, T negative_slope);
+template <typename T>
+void linear_grad_weight_rows(const T* gz, const T* x, const int64_t* row_index, T* grad_w, int64_t r0, int64_t r1,
+                             int64_t n, int64_t k);
 
 }  // namespace fastmnist
