@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 
 #include "activation.h"
@@ -176,7 +177,7 @@ class FusedStep : public torch::CustomClassHolder {
       if (gathers_in_place() && index->size(0) > 1) {
         rows = index->contiguous();
       } else {
-        at::index_select_out(ws.batch, x, 0, *index);
+        gather_rows(ws.batch, x, *index);
         input = ws.batch;
       }
       if (!ws.batch_target.defined() || ws.batch_target.scalar_type() != target.scalar_type())
@@ -234,6 +235,20 @@ class FusedStep : public torch::CustomClassHolder {
       TORCH_CHECK(p[i] >= 0 && p[i] < x.size(0), "fused_step: index out of range: index[", i, "] = ", p[i],
                   ", x has ", x.size(0), " rows");
     }
+  }
+
+  // dst[r] = src[index[r]], whole rows of the contiguous src (indices checked), split across the threads: the
+  // rows of a shuffled batch come from memory, and on one thread (index_select, below its parallel grain for a
+  // batch of 100 images) the copy was 11% of the two-layer net's step.
+  static void gather_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& index) {
+    const int64_t rows = index.size(0), row_bytes = src.numel() / src.size(0) * src.element_size();
+    const at::Tensor idx = index.contiguous();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const char* from = static_cast<const char*>(src.const_data_ptr());
+    char* to = static_cast<char*>(dst.mutable_data_ptr());
+    at::parallel_for(0, rows, std::max<int64_t>(1, (16 << 10) / row_bytes), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(to + r * row_bytes, from + ip[r] * row_bytes, row_bytes);
+    });
   }
 
   // The layer that reads an indexed batch in place, or -1: the first layer with parameters, when it is a
