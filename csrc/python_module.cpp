@@ -1,5 +1,6 @@
 // The fastmnist._C Python module: importing it loads the library (which registers the torch.ops.fastmnist ops),
-// and it holds one direct entry point per forward op, `fastmnist._C.<op>(...)`.
+// and it holds one direct entry point per forward op, `fastmnist._C.<op>(...)`, and one for the fused training
+// step (fused_step, at the end).
 //
 // Why direct entry points: from Python, `torch.ops.fastmnist.<op>(...)` matches its arguments against the schema
 // in Python and C++ before it reaches the dispatcher, ~5 us per call on this project's 2 GHz machine; the op itself
@@ -18,6 +19,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/python/module_python.h>
+
+#include "cpu/fused_step.h"
 
 #include <array>
 #include <optional>
@@ -179,6 +183,31 @@ using OptionalTensorRef = const std::optional<at::Tensor>&;
 using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// fused_step(step, x, target, index, lr) -> float: step.step(x, target, index, lr) of a
+// torch.classes.fastmnist.FusedStep object (the whole training step, one call; see cpu/fused_step.h), or
+// NotImplemented for arguments of another kind, which the caller then passes to step.step itself.
+PyObject* fused_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_Format(PyExc_TypeError, "fused_step takes 5 positional arguments, got %zd", nargs);
+    return nullptr;
+  }
+  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+  const std::optional<torch::jit::Object> step = torch::jit::as_object(args[0]);
+  at::Tensor x, target;
+  std::optional<at::Tensor> index;
+  double lr = 0;
+  if (!step.has_value() || !from_python(args[1], x) || !from_python(args[2], target) ||
+      !from_python(args[3], index) || !from_python(args[4], lr))
+    Py_RETURN_NOTIMPLEMENTED;
+  const double loss = [&] {
+    GilRelease no_gil;
+    return run_fused_step(step->_ivalue(), std::move(x), std::move(target), std::move(index), lr);
+  }();
+  return PyFloat_FromDouble(loss);
+  END_HANDLE_TH_ERRORS
+}
+
 // The signatures must be the ones the schemas in fastmnist.cpp declare (the dispatcher checks them on first call).
 PyMethodDef methods[] = {
     {"linear_act",
@@ -212,6 +241,9 @@ PyMethodDef methods[] = {
                     Tensors2(TensorRef, TensorRef, OptionalTensorRef, int64_t, c10::string_view, bool)>::call),
      METH_FASTCALL,
      "torch.ops.fastmnist.conv_act_pool(x, weight, bias, padding, activation, save_act), or NotImplemented"},
+    {"fused_step", reinterpret_cast<PyCFunction>(fused_step), METH_FASTCALL,
+     "fused_step(step, x, target, index, lr): step.step(x, target, index, lr) of a "
+     "torch.classes.fastmnist.FusedStep, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -102,7 +102,10 @@ class FusedStep:
 
     def __init__(self, model, loss_fn, optimizer):
         _lib.require_library()
+        from . import _C
+
         self._impl = torch.classes.fastmnist.FusedStep()
+        self._run = _C.fused_step  # self._impl.step without TorchScript's method call (~3.5 us less per step)
         for name, layer in _leaf_layers(model):
             _add_layer(self._impl, name, layer)
         self._impl.set_loss(_loss_kind(loss_fn))
@@ -184,7 +187,10 @@ class FusedStep:
         group = self.optimizer.param_groups[0]
         self._sync_hyperparameters(group)
         self._sync_state(group)
-        loss = self._impl.step(x, target, index, float(group["lr"]))
+        lr = float(group["lr"])
+        loss = self._run(self._impl, x, target, index, lr)
+        if loss is NotImplemented:  # arguments of a kind the direct call does not take (a tensor subclass, say)
+            loss = self._impl.step(x, target, index, lr)
         # an optimizer step happened: tell a learning-rate scheduler (it checks this flag to warn about
         # schedulers stepped before any optimizer step)
         self.optimizer._opt_called = True

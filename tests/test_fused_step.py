@@ -375,9 +375,11 @@ def test_indexed_step_equals_the_gathered_batch(name, options, batch, dtype):
     assert batch == 1 or not indices[-1].is_contiguous()
     gathered = make_pair(name, options, "sgd-momentum", dtype)
     indexed = make_pair(name, options, "sgd-momentum", dtype)
-    for idx in indices:
+    y_strided = torch.stack([y_all, torch.zeros_like(y_all)], dim=1)[:, 0]  # the targets as a non-contiguous view
+    assert not y_strided.is_contiguous()
+    for i, idx in enumerate(indices):
         loss = gathered[2](x_all.index_select(0, idx), y_all.index_select(0, idx))
-        assert indexed[2](x_all, y_all, index=idx) == loss
+        assert indexed[2](x_all, y_all if i % 2 else y_strided, index=idx) == loss
         assert torch.equal(indexed[2].logits, gathered[2].logits)
     for (name_, p_gathered), p_indexed in zip(gathered[0].named_parameters(), indexed[0].parameters()):
         assert torch.equal(p_gathered, p_indexed), name_
@@ -410,3 +412,27 @@ def test_rejects_bad_indices(name):
         "a refused step must not touch the parameters"
     step(x, y, index=torch.tensor([0, 1]))  # and the step still runs after the errors
     assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+class _MarkedTensor(torch.Tensor):
+    """A tensor subclass: not the plain kind of argument fastmnist._C.fused_step takes."""
+
+
+def test_direct_call_and_method_call_agree():
+    """A step runs through fastmnist._C.fused_step; arguments it does not take (a tensor subclass) go through the
+    custom class's TorchScript method instead: the same numbers either way."""
+    from fastmnist import _C
+
+    direct = make_pair("twolayer", {}, "sgd-momentum", torch.float32)
+    method = make_pair("twolayer", {}, "sgd-momentum", torch.float32)
+    batches = make_batches("twolayer", {}, torch.float32)
+    x, y = batches[0]
+    assert _C.fused_step(object(), x, y, None, 0.1) is NotImplemented
+    assert _C.fused_step(direct[2]._impl, x.as_subclass(_MarkedTensor), y, None, 0.1) is NotImplemented
+    assert _C.fused_step(direct[2]._impl, x, y, None, "0.1") is NotImplemented
+    for x, y in batches:
+        assert direct[2](x, y) == method[2](x.as_subclass(_MarkedTensor), y)
+    for (name, p_direct), p_method in zip(direct[0].named_parameters(), method[0].parameters()):
+        assert torch.equal(p_direct, p_method), name
+    with pytest.raises(RuntimeError, match="x must have the model's dtype"):  # errors come through as from the method
+        _C.fused_step(direct[2]._impl, x.double(), y, None, 0.1)

@@ -36,6 +36,7 @@
 #include "activation.h"
 #include "checks.h"
 #include "cpu/cross_entropy.h"
+#include "cpu/fused_step.h"
 #include "cpu/linear_act.h"
 #include "cpu/optimizer_update.h"
 #include "cpu/sigmoid_bce.h"
@@ -181,9 +182,12 @@ class FusedStep : public torch::CustomClassHolder {
         gather_rows(ws.batch, x, *index);
         input = ws.batch;
       }
-      if (!ws.batch_target.defined() || ws.batch_target.scalar_type() != target.scalar_type())
-        ws.batch_target = at::empty({0}, target.options());
-      at::index_select_out(ws.batch_target, target, 0, *index);
+      std::vector<int64_t> target_shape = target.sizes().vec();
+      target_shape[0] = index->size(0);
+      if (!ws.batch_target.defined() || ws.batch_target.scalar_type() != target.scalar_type() ||
+          ws.batch_target.sizes() != target_shape)
+        ws.batch_target = at::empty(target_shape, target.options());
+      gather_rows(ws.batch_target, target.contiguous(), *index);
       target = ws.batch_target;
     }
     const bool head = fused_head();
@@ -238,11 +242,13 @@ class FusedStep : public torch::CustomClassHolder {
     }
   }
 
-  // dst[r] = src[index[r]], whole rows of the contiguous src (indices checked), split across the threads: the
-  // rows of a shuffled batch come from memory, and on one thread (index_select, below its parallel grain for a
-  // batch of 100 images) the copy was 11% of the two-layer net's step.
+  // dst[r] = src[index[r]], whole rows of the contiguous src (indices checked), split across the threads when
+  // there is enough to copy: the rows of a shuffled batch come from memory, and on one thread (index_select,
+  // below its parallel grain for a batch of 100 images) the copy was 11% of the two-layer net's step. Also the
+  // batch's targets (on one thread: a few hundred bytes, where index_select's dispatch cost more than the copy).
   static void gather_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& index) {
     const int64_t rows = index.size(0), row_bytes = src.numel() / src.size(0) * src.element_size();
+    if (row_bytes == 0) return;
     const at::Tensor idx = index.contiguous();
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     const char* from = static_cast<const char*>(src.const_data_ptr());
@@ -696,6 +702,11 @@ class FusedStep : public torch::CustomClassHolder {
 };
 
 }  // namespace
+
+double run_fused_step(const c10::intrusive_ptr<c10::ivalue::Object>& step, at::Tensor x, at::Tensor target,
+                      std::optional<at::Tensor> index, double lr) {
+  return c10::IValue(step).toCustomClass<FusedStep>()->step(std::move(x), std::move(target), std::move(index), lr);
+}
 
 TORCH_LIBRARY_FRAGMENT(fastmnist, m) {
   m.class_<FusedStep>("FusedStep")
