@@ -22,7 +22,8 @@ if [ ${#tests[@]} -eq 0 ]; then
   tests=(tests/test_conv_act_pool.py tests/test_linear_act.py tests/test_cross_entropy.py tests/test_sigmoid_bce.py
          tests/test_linear_cross_entropy.py tests/test_fused_step.py::test_indexed_step_equals_the_gathered_batch
          tests/test_fused_step.py::test_rejects_bad_indices tests/test_fused_step.py::test_parity_head_in_row_chunks
-         tests/test_fused_step.py::test_ignored_targets_match_eager tests/test_fused_step.py::test_direct_call_and_method_call_agree)
+         tests/test_fused_step.py::test_ignored_targets_match_eager
+         tests/test_fused_step.py::test_direct_call_and_method_call_agree)
 fi
 # Python itself is not instrumented: preload the runtimes; leaks of the interpreter are not ours to report.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \

@@ -1,7 +1,7 @@
 #pragma once
 // The fused training step's entry point for fastmnist._C (python_module.cpp): FusedStep.step of a
 // torch.classes.fastmnist.FusedStep object, without TorchScript's method call (argument matching against the
-// method's schema, ~3.5 us per call).
+// method's schema, ~3 us per call).
 #include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
 
