@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for fastmnist: torch (reused when installed; otherwise torch==2.13.0, which this
 # project's machines hold as a local CPU wheel), the build and test tools, then an editable build of the
-# extension against that torch. Idempotent: a second run only rebuilds what changed.
+# extension against that torch. Idempotent, but not incremental: pip's editable build starts from an empty build
+# folder, so a second run compiles the whole extension again (~15 min at -O3 on a 2-core Zen 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
