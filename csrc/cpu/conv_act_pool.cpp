@@ -97,15 +97,24 @@ at::Tensor channels_last_weights(const at::Tensor& w, int64_t op) {
   return wcl;
 }
 
-// grad_x is the forward conv of dz with W flipped in both spatial dimensions, input and output channels swapped.
-// Its tiles take the input channels in blocks of `block` (the last one smaller): block b starting at channel c0
-// is stored from c0 * C_out * k * k on, laid out (C_out, k, k, b) (conv_tile's PACKED layout).
-at::Tensor input_grad_weights(const at::Tensor& w, int64_t block) {
-  const at::Tensor flipped = w.flip({2, 3});
-  std::vector<at::Tensor> blocks;
-  for (int64_t c0 = 0; c0 < w.size(1); c0 += block)
-    blocks.push_back(flipped.narrow(1, c0, std::min(block, w.size(1) - c0)).permute({0, 2, 3, 1}).reshape(-1));
-  return blocks.size() == 1 ? blocks[0].contiguous() : at::cat(blocks);
+// conv_tile's weight layout. The tiles take the weights' `blocked` channels (output channels for the forward,
+// input channels for grad_x) in blocks of `block`, the last one smaller; block b starting at channel c0 is stored
+// from c0 * other * k * k on, laid out (other, k, k, b), so that the b channels' weights of each tap are adjacent
+// and each weight of a tile is at a constant offset from one pointer per `other` channel (with the forward's
+// weights read in place, GCC spent more instructions on their addresses than on the multiply-adds).
+// src[i * blocked_stride + j * other_stride + tap] is weight (blocked i, other j, tap); `flip` reverses the taps
+// (both spatial dimensions): grad_x is the forward conv of dz with W flipped, input and output channels swapped.
+template <typename T>
+void pack_weights(const T* src, int64_t blocked, int64_t blocked_stride, int64_t other, int64_t other_stride,
+                  int64_t kk, int64_t block, bool flip, T* dst) {
+  for (int64_t c0 = 0; c0 < blocked; c0 += block) {
+    const int64_t b = std::min(block, blocked - c0);
+    T* d = dst + c0 * other * kk;
+    for (int64_t j = 0; j < other; ++j)
+      for (int64_t t = 0; t < kk; ++t)
+        for (int64_t i = 0; i < b; ++i)
+          d[(j * kk + t) * b + i] = src[(c0 + i) * blocked_stride + j * other_stride + (flip ? kk - 1 - t : t)];
+  }
 }
 
 // Shapes and scratch-buffer geometry of one call, computed once on the host. All row lengths of the
@@ -222,17 +231,15 @@ FASTMNIST_INLINE void fill_padded(const T* x, const Geometry& g, T* buf) {
 
 // acc[r][o][v] = sum_{c, ky, kx} in[c][r + ky][v*W + kx] * w[o][c][ky][kx] for R consecutive output rows,
 // OB output channels and CB vectors of output columns. `in` points at the tile's first input row and column;
-// `ld` is the input row length, `in_cstride` its channel stride; w's channel stride is k*k, `w_ostride` its
-// output-channel stride. Each weight is broadcast from its scalar (one vbroadcast from memory, or an FMA's
-// embedded broadcast): LeNet's second block reads 2400 weights per tile, which stay in L1 as scalars but not as
-// vectors of W copies (150 KB at W = 16, and the tile then ran at L2 speed). Only the tile's input
-// rows [t0, t1) are read: the caller passes the rows that are not all zero (padding). KS > 0 fixes the kernel
-// size at compile time (fully unrolled), 0 reads `k_rt`. PACKED: w is laid out (channels, k, k, OB), the OB
-// output channels' weights of each tap adjacent (w_ostride unused), so that every weight is at a constant offset
-// from one pointer per channel (grad_x's tiles: no address arithmetic per weight).
-template <typename T, int KS, int R, int OB, int CB, bool PACKED = false>
-FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t w_ostride,
-                                int64_t channels, int64_t k_rt, int64_t t0, int64_t t1, Vec<T> (&acc)[R][OB][CB]) {
+// `ld` is the input row length, `in_cstride` its channel stride; `w` points at the tile's block of weights in
+// pack_weights' layout (channels, k, k, OB). Each weight is broadcast from its scalar (one vbroadcast from
+// memory, or an FMA's embedded broadcast): LeNet's second block reads 2400 weights per tile, which stay in L1 as
+// scalars but not as vectors of W copies (150 KB at W = 16, and the tile then ran at L2 speed). Only the tile's
+// input rows [t0, t1) are read: the caller passes the rows that are not all zero (padding). KS > 0 fixes the
+// kernel size at compile time (fully unrolled), 0 reads `k_rt`.
+template <typename T, int KS, int R, int OB, int CB>
+FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, const T* w, int64_t channels,
+                                int64_t k_rt, int64_t t0, int64_t t1, Vec<T> (&acc)[R][OB][CB]) {
   constexpr int W = kWidth<T>;
   const int64_t k = KS > 0 ? KS : k_rt;
   // The loops over r, o and v are unrolled completely so that acc lives in registers.
@@ -244,7 +251,7 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
       for (int v = 0; v < CB; ++v) acc[r][o][v] = Vec<T>{};
   for (int64_t c = 0; c < channels; ++c) {
     const T* ic = in + c * in_cstride;
-    const T* wc = w + c * k * k * (PACKED ? OB : 1);
+    const T* wc = w + c * k * k * OB;
     // input row t feeds output row r through kernel row ky = t - r: each loaded vector serves R*OB products
     auto input_row = [&](int64_t t) FASTMNIST_LAMBDA_INLINE {
       const T* row = ic + t * ld;
@@ -259,7 +266,7 @@ FASTMNIST_INLINE void conv_tile(const T* in, int64_t in_cstride, int64_t ld, con
           if (ky < 0 || ky >= k) continue;
 #pragma GCC unroll 16
           for (int o = 0; o < OB; ++o) {
-            const T wk = PACKED ? wc[(ky * k + kx) * OB + o] : wc[o * w_ostride + ky * k + kx];
+            const T wk = wc[(ky * k + kx) * OB + o];
 #pragma GCC unroll 16
             for (int v = 0; v < CB; ++v) acc[r][o][v] += xv[v] * wk;
           }
@@ -345,9 +352,8 @@ struct ConvActPoolForward {
       for (int64_t tile = 0; tile < g.tiles; ++tile) {
         const int64_t col0 = tile * kColVecs * W;
         Vec<T> acc[2][OB][kColVecs];
-        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw,
-                                          w + o0 * g.c * g.k * g.k, g.c * g.k * g.k, g.c, g.k,
-                                          g.pad - 2 * pi, g.pad + g.h - 2 * pi, acc);
+        conv_tile<T, KS, 2, OB, kColVecs>(xpad + 2 * pi * g.xw + col0, g.xh * g.xw, g.xw, w + o0 * g.c * g.k * g.k,
+                                          g.c, g.k, g.pad - 2 * pi, g.pad + g.h - 2 * pi, acc);
         const int64_t ncols = std::min<int64_t>(kColVecs * W, conv_w - col0);  // conv columns kept, even
 #pragma GCC unroll 16
         for (int o = 0; o < OB; ++o) {
@@ -434,7 +440,7 @@ struct ConvActPoolForward {
       }
     }
   }
-  // w: the weights (column path) or channels-last weights (channel path); bias: the channel path's padded
+  // w: the packed weights (column path) or channels-last weights (channel path); bias: the channel path's padded
   // bias (never null there).
   static FASTMNIST_INLINE void run(const T* x, Geometry g, const T* w, const T* bias, T* out, T* act, T* buf,
                                    int64_t n0, int64_t n1) {
@@ -661,7 +667,7 @@ FASTMNIST_INLINE void weight_grad_tile_cl(const T* dzcl, const T* xpad, const Ge
 // sums of grad_W (gw) and grad_b (gb), zeroed here (either may be null). xbuf, dz and dzcl (channel path) are
 // this task's zeroed scratch buffers, gwv (weights x vector width) its scratch for the vector partials of grad_W
 // (column path) or for grad_W laid out (C_in, k, k, op) (channel path); wflip is W flipped in both spatial
-// dimensions and packed for grad_x's tiles (input_grad_weights; only for gx).
+// dimensions, input and output channels swapped, and packed for grad_x's tiles (pack_weights; only for gx).
 template <typename T, int KS>
 struct ConvActPoolBackward {
   // grad_W partials of one sample, output channels from o on in blocks of OB (then smaller blocks).
@@ -736,8 +742,8 @@ struct ConvActPoolBackward {
       const int64_t col0 = tile * CB * W;
       Vec<T> acc[R][OB][CB];
       // dz rows q .. q + 2 ho - 1 of the plane are the nonzero ones; this tile reads plane rows pad + h + t
-      conv_tile<T, KS, R, OB, CB, true>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k, 0,
-                                        g.o, g.k, q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
+      conv_tile<T, KS, R, OB, CB>(base + h * g.dw + col0, g.dh * g.dw, g.dw, wflip + c0 * g.o * g.k * g.k, g.o, g.k,
+                                  q - g.pad - h, q + 2 * g.ho - g.pad - h, acc);
       const int64_t ncols = std::min<int64_t>(CB * W, g.w - col0);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
@@ -838,7 +844,6 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
   const at::Tensor& x4 = args.x4;
   const at::Tensor w = weight.contiguous();
   const int64_t n = args.shape.n;
-  at::Tensor wvec;
   at::Tensor out, saved;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_cpu", [&] {
     const Geometry g = make_geometry<scalar_t>(x4, args.shape);
@@ -846,16 +851,21 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
     saved = save_act ? at::empty({n, g.o, 2 * g.ho, 2 * g.wo}, x.options()) : at::empty({0}, x.options());
     if (out.numel() == 0) return;
     const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
-    at::Tensor bpad;
+    at::Tensor wcl, bpad;
+    std::vector<scalar_t> wpacked;
+    const scalar_t* w_ptr;
     if (g.chan) {
-      wvec = channels_last_weights(w, g.op);
+      wcl = channels_last_weights(w, g.op);
+      w_ptr = wcl.const_data_ptr<scalar_t>();
       bpad = at::zeros({g.op}, x.options());
       if (b.defined()) bpad.narrow(0, 0, g.o).copy_(b);
     } else {
-      wvec = w;
+      const int64_t kk = g.k * g.k;
+      wpacked.resize(w.numel());
+      pack_weights(w.const_data_ptr<scalar_t>(), g.o, g.c * kk, g.c, kk, kk, kConvBlock, false, wpacked.data());
+      w_ptr = wpacked.data();
       bpad = b;
     }
-    const scalar_t* w_ptr = wvec.const_data_ptr<scalar_t>();
     const scalar_t* b_ptr = bpad.defined() ? bpad.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
@@ -899,13 +909,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
     const int64_t wsize = weight.numel();
     at::Tensor w_partial = need_w ? at::empty({chunks, wsize}, x.options()) : at::Tensor();
     at::Tensor b_partial = need_b ? at::empty({chunks, c_out}, x.options()) : at::Tensor();
-    const at::Tensor wflip = need_x ? input_grad_weights(w, kInGradBlock) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_act_pool_backward_cpu", [&] {
       const Geometry geo = make_geometry<scalar_t>(x4, args.shape);
       const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
       const scalar_t* g_ptr = in.grad_out.const_data_ptr<scalar_t>();
       const scalar_t* a_ptr = in.act.defined() ? in.act.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* wf_ptr = need_x ? wflip.const_data_ptr<scalar_t>() : nullptr;
+      // W flipped, input and output channels swapped, packed for grad_x's tiles
+      std::vector<scalar_t> wflip;
+      if (need_x) {
+        const int64_t kk = geo.k * geo.k;
+        wflip.resize(wsize);
+        pack_weights(w.const_data_ptr<scalar_t>(), geo.c, kk, geo.o, geo.c * kk, kk, kInGradBlock, true, wflip.data());
+      }
+      const scalar_t* wf_ptr = need_x ? wflip.data() : nullptr;
       scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* wp_ptr = need_w ? w_partial.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* bp_ptr = need_b ? b_partial.mutable_data_ptr<scalar_t>() : nullptr;
