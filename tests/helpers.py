@@ -1,4 +1,5 @@
-"""Shared test helpers: tolerances that travel with the dtype, input makers, and the CPU-path switch."""
+"""Shared test helpers: tolerances that travel with the dtype, input makers, the CPU-path switch, and a fixture
+that runs a module's tests on one thread."""
 
 import contextlib
 
@@ -42,3 +43,13 @@ def cpu_path(path):
         yield
     finally:
         torch.ops.fastmnist.set_cpu_path("auto")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run its tests on one intra-op thread."""
+    # Tiny batches on a shared 2-core machine: two intra-op threads mostly wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,19 +14,11 @@ from PIL import Image
 
 import fastmnist.nn as fnn
 from fastmnist import cli, data, models
+from helpers import one_thread  # noqa: F401 (autouse fixture: the tests run on one thread)
 
 TRAIN_MLP = ["train", "--model", "mlp", "--backend", "eager", "--limit", "1000", "--epochs", "2",
              "--optimizer", "adam", "--lr", "0.001", "--no-progress"]
 PLOTS = ("curves.png", "confusion.png", "samples.png")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny batches on a shared 2-core machine: two intra-op threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *argv):

@@ -13,16 +13,7 @@ from fastmnist import data, models, plots
 from fastmnist.data import iterate_batches
 from fastmnist.fused_step import FusedStep, fused_step
 from fastmnist.train import History, eager_step, evaluate, fit, make_targets
-from helpers import assert_close
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny batches on a shared 2-core machine: two intra-op threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import assert_close, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
