@@ -31,6 +31,32 @@ def noncontiguous(t):
     return view
 
 
+def check_loss_against_reference(op, reference, inputs, wrt, opts, grad_noncontiguous=False, **tol):
+    """op(*inputs, **opts) against reference(*inputs, **opts): the values, then the gradients with respect to the
+    inputs at positions `wrt` under one random upstream gradient (made non-contiguous if asked). NaNs must match.
+    Each side gets its own leaves with the inputs' strides (clone() would make a strided view contiguous)."""
+
+    def leaf(t):
+        copy = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
+        return copy.requires_grad_()
+
+    def fresh_leaves():
+        return [leaf(t) if i in wrt else t for i, t in enumerate(inputs)]
+
+    mine, theirs = fresh_leaves(), fresh_leaves()
+    out = op(*mine, **opts)
+    ref = reference(*theirs, **opts)
+    assert out.shape == ref.shape
+    assert_close(out, ref, equal_nan=True, **tol)
+    grad = torch.randn_like(ref)
+    if grad_noncontiguous:
+        grad = noncontiguous(grad)
+    got = torch.autograd.grad(out, [mine[i] for i in wrt], grad)
+    want = torch.autograd.grad(ref, [theirs[i] for i in wrt], grad)
+    for g, w in zip(got, want):
+        assert_close(g, w, equal_nan=True, **tol)
+
+
 @contextlib.contextmanager
 def cpu_path(path):
     """Runs the block with the CPU kernels forced to `path` ("portable", "avx2" or "avx512"; on a CPU without that

@@ -12,7 +12,7 @@ import fastmnist
 from fastmnist import _lib
 from fastmnist.reference import softmax_cross_entropy_reference as reference
 
-from helpers import assert_close, cpu_path, noncontiguous
+from helpers import assert_close, check_loss_against_reference, cpu_path, noncontiguous
 
 pytestmark = pytest.mark.skipif(not _lib.LOADED, reason="fastmnist extension not built")
 
@@ -44,18 +44,8 @@ def options(reduction, ignore, smoothing, weight):
 
 
 def check_against_eager(logits, target, opts, grad_noncontiguous=False, **tol):
-    x = logits.detach().clone().requires_grad_()
-    x_ref = logits.detach().clone().requires_grad_()
-    out = fastmnist.softmax_cross_entropy(x, target, **opts)
-    ref = reference(x_ref, target, **opts)
-    assert out.shape == ref.shape
-    assert_close(out, ref, equal_nan=True, **tol)
-    grad = torch.randn_like(ref)
-    if grad_noncontiguous:
-        grad = noncontiguous(grad)
-    (g,) = torch.autograd.grad(out, x, grad)
-    (g_ref,) = torch.autograd.grad(ref, x_ref, grad)
-    assert_close(g, g_ref, equal_nan=True, **tol)
+    check_loss_against_reference(fastmnist.softmax_cross_entropy, reference, (logits, target), (0,), opts,
+                                 grad_noncontiguous, **tol)
 
 
 @pytest.mark.parametrize("reduction,weighted,ignore,smoothing,prob", GRID)

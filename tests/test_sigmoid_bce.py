@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close, cpu_path, noncontiguous
+from helpers import assert_close, check_loss_against_reference, cpu_path, noncontiguous
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,21 +34,7 @@ def make_inputs(shape, weight_kind, pos_kind, dtype, gen, scale=4.0):
 
 
 def check_against_eager(x, t, opts, grad_noncontiguous=False, **tol):
-    x1 = x.detach().clone().requires_grad_()
-    t1 = t.detach().clone().requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    t2 = t.detach().clone().requires_grad_()
-    out = fastmnist.sigmoid_bce(x1, t1, **opts)
-    ref = reference(x2, t2, **opts)
-    assert out.shape == ref.shape
-    assert_close(out, ref, equal_nan=True, **tol)
-    grad = torch.randn_like(ref)
-    if grad_noncontiguous:
-        grad = noncontiguous(grad)
-    got = torch.autograd.grad(out, (x1, t1), grad)
-    want = torch.autograd.grad(ref, (x2, t2), grad)
-    for g, w in zip(got, want):
-        assert_close(g, w, equal_nan=True, **tol)
+    check_loss_against_reference(fastmnist.sigmoid_bce, reference, (x, t), (0, 1), opts, grad_noncontiguous, **tol)
 
 
 @pytest.mark.parametrize("reduction,weight_kind,pos_kind", GRID)
