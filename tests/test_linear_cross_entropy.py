@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, check_loss_against_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,15 +43,8 @@ def options(reduction, ignore, smoothing, cw):
 
 
 def check_against_eager(x, w, b, target, opts, ref=reference, **tol):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
-    leaves_ref = [t.detach().clone().requires_grad_() for t in leaves]
-    out = fastmnist.linear_cross_entropy(leaves[0], leaves[1], target, *leaves[2:], **opts)
-    expected = ref(leaves_ref[0], leaves_ref[1], target, *leaves_ref[2:], **opts)
-    assert out.shape == expected.shape
-    assert_close(out, expected, equal_nan=True, **tol)
-    grad = torch.randn_like(expected)
-    for g, g_ref in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves_ref, grad)):
-        assert_close(g, g_ref, equal_nan=True, **tol)
+    wrt = (0, 1) if b is None else (0, 1, 3)
+    check_loss_against_reference(fastmnist.linear_cross_entropy, ref, (x, w, target, b), wrt, opts, **tol)
 
 
 @pytest.mark.parametrize("reduction,weighted,ignore,smoothing,prob", GRID)
