@@ -147,6 +147,26 @@ def test_every_path_against_eager(path, dtype):
                 check_against_eager(x, wt, b, padding, activation, seed=i)
 
 
+# backward over several chunks (grad_W and grad_b are summed per 8 samples, then chunk by chunk) and a tail
+# chunk, with grad_x, at shapes whose dz rows are narrower than the input rows: input pixels with every tap
+# inside dz, with some, and with none (13x11 with a 5x5 kernel: the pooling drops the last conv row and column)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_backward_with_grad_x(path, dtype):
+    cases = [(19, 6, 16, 14, 14, 5, 0), (9, 3, 4, 13, 11, 5, 0), (13, 7, 5, 10, 10, 3, 1), (17, 2, 3, 9, 9, 7, 3),
+             (12, 13, 2, 7, 18, 1, 0), (11, 2, 2, 3, 3, 3, 1)]
+    with cpu_path(path):
+        for i, (n, c_in, c_out, h, w, k, padding) in enumerate(cases):
+            activation = ACTIVATIONS[i % len(ACTIVATIONS)]
+            x, wt, b = make_inputs(n, c_in, c_out, h, w, k, dtype, seed=100 + i)
+            check_against_eager(x, wt, b, padding, activation, seed=i)
+
+
+def test_gradcheck_float64_chunk_tail():
+    x, w, b = make_inputs(9, 2, 3, 7, 8, 3, torch.float64, seed=6)
+    assert torch.autograd.gradcheck(lambda *a: fastmnist.conv_act_pool(*a, 0, "tanh"), (x, w, b), fast_mode=True)
+
+
 @pytest.mark.parametrize("path", PATHS[1:])
 def test_vectorised_and_portable_paths_agree(path):
     results = {}
