@@ -90,30 +90,25 @@ constexpr int64_t kRowSlack = kWidth<T>;
 // 32-byte vectors (on Zen 3 the second block's grad_x took 1.37x and grad_W 1.28x as long), and the generic
 // forms did worse with 64-byte ones, where only the set1 intrinsic matched what `v * s` gives.
 
-// The weights (C_out, C_in, k, k) laid out as (C_in, k, k, op), output channels padded with zeros to op.
-at::Tensor channels_last_weights(const at::Tensor& w, int64_t op) {
-  at::Tensor wcl = at::zeros({w.size(1), w.size(2), w.size(3), op}, w.options());
-  wcl.narrow(3, 0, w.size(0)).copy_(w.permute({1, 2, 3, 0}));
-  return wcl;
-}
-
-// conv_tile's weight layout. The tiles take the weights' `blocked` channels (output channels for the forward,
-// input channels for grad_x) in blocks of `block`, the last one smaller; block b starting at channel c0 is stored
-// from c0 * other * k * k on, laid out (other, k, k, b), so that the b channels' weights of each tap are adjacent
-// and each weight of a tile is at a constant offset from one pointer per `other` channel (with the forward's
-// weights read in place, GCC spent more instructions on their addresses than on the multiply-adds).
+// conv_tile's weight layout, and (one block of all output channels, padded) conv_tile_cl's. The tiles take the
+// weights' `blocked` channels (output channels for the forward, input channels for grad_x) in blocks of `block`,
+// the last one smaller unless `padded`; block b starting at channel c0 is stored from c0 * other * k * k on, laid
+// out (other, k, k, b), so that the b channels' weights of each tap are adjacent and each weight of a tile is at a
+// constant offset from one pointer per `other` channel (with the forward's weights read in place, GCC spent more
+// instructions on their addresses than on the multiply-adds). `padded`: every block is `block` wide, the last
+// one's missing channels left as dst holds them (zeros: the channel path's padding to op channels).
 // src[i * blocked_stride + j * other_stride + tap] is weight (blocked i, other j, tap); `flip` reverses the taps
 // (both spatial dimensions): grad_x is the forward conv of dz with W flipped, input and output channels swapped.
 template <typename T>
 void pack_weights(const T* src, int64_t blocked, int64_t blocked_stride, int64_t other, int64_t other_stride,
-                  int64_t kk, int64_t block, bool flip, T* dst) {
+                  int64_t kk, int64_t block, bool flip, bool padded, T* dst) {
   for (int64_t c0 = 0; c0 < blocked; c0 += block) {
-    const int64_t b = std::min(block, blocked - c0);
+    const int64_t b = std::min(block, blocked - c0), width = padded ? block : b;
     T* d = dst + c0 * other * kk;
     for (int64_t j = 0; j < other; ++j)
       for (int64_t t = 0; t < kk; ++t)
         for (int64_t i = 0; i < b; ++i)
-          d[(j * kk + t) * b + i] = src[(c0 + i) * blocked_stride + j * other_stride + (flip ? kk - 1 - t : t)];
+          d[(j * kk + t) * width + i] = src[(c0 + i) * blocked_stride + j * other_stride + (flip ? kk - 1 - t : t)];
   }
 }
 
@@ -851,22 +846,18 @@ std::tuple<at::Tensor, at::Tensor> conv_act_pool_cpu(const at::Tensor& x, const 
     saved = save_act ? at::empty({n, g.o, 2 * g.ho, 2 * g.wo}, x.options()) : at::empty({0}, x.options());
     if (out.numel() == 0) return;
     const scalar_t* x_ptr = x4.const_data_ptr<scalar_t>();
-    at::Tensor wcl, bpad;
-    std::vector<scalar_t> wpacked;
-    const scalar_t* w_ptr;
+    const int64_t kk = g.k * g.k;
+    // the weights packed for the path's tiles; the channel path's bias padded with zeros to op channels
+    std::vector<scalar_t> wpacked(g.chan ? g.c * kk * g.op : w.numel(), scalar_t(0)), bpadded;
+    pack_weights(w.const_data_ptr<scalar_t>(), g.o, g.c * kk, g.c, kk, kk, g.chan ? g.op : kConvBlock, false, g.chan,
+                 wpacked.data());
+    const scalar_t* w_ptr = wpacked.data();
+    const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     if (g.chan) {
-      wcl = channels_last_weights(w, g.op);
-      w_ptr = wcl.const_data_ptr<scalar_t>();
-      bpad = at::zeros({g.op}, x.options());
-      if (b.defined()) bpad.narrow(0, 0, g.o).copy_(b);
-    } else {
-      const int64_t kk = g.k * g.k;
-      wpacked.resize(w.numel());
-      pack_weights(w.const_data_ptr<scalar_t>(), g.o, g.c * kk, g.c, kk, kk, kConvBlock, false, wpacked.data());
-      w_ptr = wpacked.data();
-      bpad = b;
+      bpadded.assign(g.op, scalar_t(0));
+      if (b_ptr != nullptr) std::copy(b_ptr, b_ptr + g.o, bpadded.data());
+      b_ptr = bpadded.data();
     }
-    const scalar_t* b_ptr = bpad.defined() ? bpad.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     scalar_t* act_ptr = save_act ? saved.mutable_data_ptr<scalar_t>() : nullptr;
     // about 64k multiply-adds per task at least
@@ -919,7 +910,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_act_pool_backward_cpu(
       if (need_x) {
         const int64_t kk = geo.k * geo.k;
         wflip.resize(wsize);
-        pack_weights(w.const_data_ptr<scalar_t>(), geo.c, kk, geo.o, geo.c * kk, kk, kInGradBlock, true, wflip.data());
+        pack_weights(w.const_data_ptr<scalar_t>(), geo.c, kk, geo.o, geo.c * kk, kk, kInGradBlock, true, false,
+                     wflip.data());
       }
       const scalar_t* wf_ptr = need_x ? wflip.data() : nullptr;
       scalar_t* gx_ptr = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
