@@ -169,25 +169,32 @@ class FusedStep : public torch::CustomClassHolder {
     // Plain kernels below the autograd layer: the step is its own backward.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<int64_t> batch_shape = x.sizes().vec();
+    at::Tensor idx;  // the index, contiguous
     if (index.has_value()) {
-      check_index(*index, x, target);
-      batch_shape[0] = index->size(0);
+      idx = index->contiguous();
+      check_index(idx, x, target);
+      batch_shape[0] = idx.size(0);
     }
     Workspace& ws = workspace_for(batch_shape, x.options());
     at::Tensor input = index.has_value() ? x : x.contiguous(), rows;
     if (index.has_value()) {
-      if (gathers_in_place() && index->size(0) > 1) {
-        rows = index->contiguous();
+      if (gathers_in_place() && idx.size(0) > 1) {
+        rows = idx;
       } else {
-        gather_rows(ws.batch, x, *index);
+        gather_rows(ws.batch, x, idx);
         input = ws.batch;
       }
       std::vector<int64_t> target_shape = target.sizes().vec();
-      target_shape[0] = index->size(0);
+      target_shape[0] = idx.size(0);
       if (!ws.batch_target.defined() || ws.batch_target.scalar_type() != target.scalar_type() ||
           ws.batch_target.sizes() != target_shape)
         ws.batch_target = at::empty(target_shape, target.options());
-      gather_rows(ws.batch_target, target.contiguous(), *index);
+      // a strided target's rows are gathered where they lie (contiguous() would copy all of it every step)
+      if (target.is_contiguous()) {
+        gather_rows(ws.batch_target, target, idx);
+      } else {
+        at::index_select_out(ws.batch_target, target, 0, idx);
+      }
       target = ws.batch_target;
     }
     const bool head = fused_head();
@@ -224,7 +231,8 @@ class FusedStep : public torch::CustomClassHolder {
     workspaces_.clear();
   }
 
-  // An indexed step's checks: index selects rows of the whole tensors x and target, which stay in place.
+  // An indexed step's checks: index (contiguous) selects rows of the whole tensors x and target, which stay in
+  // place.
   static void check_index(const at::Tensor& index, const at::Tensor& x, const at::Tensor& target) {
     TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.device().is_cpu(),
                 "fused_step: index must be a 1-D int64 CPU tensor of row numbers, got ", index.scalar_type(), " ",
@@ -234,23 +242,21 @@ class FusedStep : public torch::CustomClassHolder {
                 "not per step");
     TORCH_CHECK(target.dim() >= 1 && target.size(0) == x.size(0), "fused_step: with an index, x and target must "
                 "have the same number of rows, got ", x.size(0), " and ", target.sizes());
-    const at::Tensor idx = index.contiguous();
-    const int64_t* p = idx.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < idx.numel(); ++i) {
+    const int64_t* p = index.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < index.numel(); ++i) {
       TORCH_CHECK(p[i] >= 0 && p[i] < x.size(0), "fused_step: index out of range: index[", i, "] = ", p[i],
                   ", x has ", x.size(0), " rows");
     }
   }
 
-  // dst[r] = src[index[r]], whole rows of the contiguous src (indices checked), split across the threads when
-  // there is enough to copy: the rows of a shuffled batch come from memory, and on one thread (index_select,
+  // dst[r] = src[index[r]], whole rows of the contiguous src (index contiguous, checked), split across the threads
+  // when there is enough to copy: the rows of a shuffled batch come from memory, and on one thread (index_select,
   // below its parallel grain for a batch of 100 images) the copy was 11% of the two-layer net's step. Also the
   // batch's targets (on one thread: a few hundred bytes, where index_select's dispatch cost more than the copy).
   static void gather_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& index) {
     const int64_t rows = index.size(0), row_bytes = src.numel() / src.size(0) * src.element_size();
     if (row_bytes == 0) return;
-    const at::Tensor idx = index.contiguous();
-    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const int64_t* ip = index.const_data_ptr<int64_t>();
     const char* from = static_cast<const char*>(src.const_data_ptr());
     char* to = static_cast<char*>(dst.mutable_data_ptr());
     at::parallel_for(0, rows, std::max<int64_t>(1, (16 << 10) / row_bytes), [&](int64_t r0, int64_t r1) {
