@@ -358,6 +358,8 @@ def test_rejects_bad_batches():
         step(x, torch.tensor([0.0, 1.0, 2.0, 3.0]))
     with pytest.raises(RuntimeError, match="x must have the model's dtype"):
         step(x.double(), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="target must be on the CPU, as x is, got meta"):
+        step(x, torch.tensor([0, 1, 2, 3], device="meta"))
     with pytest.raises(RuntimeError, match="expects 784 input features"):
         step(torch.rand(4, 1, 20, 20), torch.tensor([0, 1, 2, 3]))
 
@@ -404,6 +406,10 @@ def test_rejects_bad_indices(name):
         step(x.transpose(2, 3), y, index=torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="the same number of rows, got 6 and"):
         step(x, y[:5], index=torch.tensor([0, 1]))
+    # a target on another device, contiguous or strided (the gather read its data pointer: a crash)
+    for target in (y.to("meta"), torch.stack([y, y], dim=1).to("meta")[:, 0]):
+        with pytest.raises(RuntimeError, match="target must be on the CPU, as x is, got meta"):
+            step(x, target, index=torch.tensor([0, 1]))
     with pytest.raises(IndexError, match="target 10 is out of bounds"):
         step(x, torch.tensor([0, 10, 0, 0, 0, 0]), index=torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="int64 class indices"):

@@ -166,6 +166,7 @@ class FusedStep : public torch::CustomClassHolder {
                 x.scalar_type());
     TORCH_CHECK(x.device().is_cpu(), "fused_step: x must be on the CPU, got ", x.device());
     TORCH_CHECK(x.dim() >= 2, "fused_step: x must be a batch (N, ...), got shape ", x.sizes());
+    TORCH_CHECK(target.device().is_cpu(), "fused_step: target must be on the CPU, as x is, got ", target.device());
     // Plain kernels below the autograd layer: the step is its own backward.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<int64_t> batch_shape = x.sizes().vec();
