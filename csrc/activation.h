@@ -1,7 +1,7 @@
 // The activations shared by the fused ops, and their derivatives written as functions of the OUTPUT
 // y = f(z), so that backward needs only the saved output:
 //   identity   f'(z) = 1
-//   relu       f'(z) = [y > 0]                      (0 at z = 0, as PyTorch)
+//   relu       f'(z) = y <= 0 ? 0 : 1               (0 at z = 0; 1 for a NaN, which passes through: as PyTorch)
 //   leaky_relu f'(z) = y > 0 ? 1 : slope            (needs slope >= 0: only then does y > 0 mean z > 0)
 //   sigmoid    f'(z) = y (1 - y)
 //   tanh       f'(z) = 1 - y^2
@@ -57,9 +57,9 @@ inline auto with_activation(Activation act, F&& f) {
 template <Activation A, typename T>
 C10_HOST_DEVICE inline T activate(T z, T slope) {
   if constexpr (A == Activation::Identity) return z;
-  if constexpr (A == Activation::Relu) return z > T(0) ? z : T(0);
+  if constexpr (A == Activation::Relu) return z < T(0) ? T(0) : z;  // a NaN stays NaN, as in torch.relu
   if constexpr (A == Activation::LeakyRelu) return z > T(0) ? z : z * slope;
-  if constexpr (A == Activation::Sigmoid) return T(1) / (T(1) + std::exp(-z));  // saturates to 0 or 1, no NaN
+  if constexpr (A == Activation::Sigmoid) return T(1) / (T(1) + std::exp(-z));  // saturates to 0 or 1
   if constexpr (A == Activation::Tanh) return std::tanh(z);
 }
 
@@ -67,7 +67,7 @@ template <typename T>
 C10_HOST_DEVICE inline T activation_grad_from_output(Activation act, T y, T slope) {
   switch (act) {
     case Activation::Identity: return T(1);
-    case Activation::Relu: return y > T(0) ? T(1) : T(0);
+    case Activation::Relu: return y <= T(0) ? T(0) : T(1);
     case Activation::LeakyRelu: return y > T(0) ? T(1) : slope;
     case Activation::Sigmoid: return y * (T(1) - y);
     case Activation::Tanh: return T(1) - y * y;

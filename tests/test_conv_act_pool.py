@@ -30,16 +30,16 @@ def outputs_and_grads(fn, x, w, b, grad_out):
     return out.detach(), [t.grad.clone() for t in tensors]
 
 
-def check_against_eager(x, w, b, padding, activation, seed=0):
+def check_against_eager(x, w, b, padding, activation, seed=0, equal_nan=False):
     ref = conv_act_pool_reference(x, w, b, padding, activation)
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
     out, grads = outputs_and_grads(lambda *a: fastmnist.conv_act_pool(*a, padding, activation), x, w, b, grad_out)
     ref, ref_grads = outputs_and_grads(lambda *a: conv_act_pool_reference(*a, padding, activation), x, w, b,
                                        grad_out)
     assert out.shape == ref.shape
-    assert_close(out, ref)
+    assert_close(out, ref, equal_nan=equal_nan)
     for g, r in zip(grads, ref_grads):
-        assert_close(g, r)
+        assert_close(g, r, equal_nan=equal_nan)
 
 
 # every activation x kernel size x padding; bias and x.requires_grad alternate so that each activation and
@@ -145,6 +145,21 @@ def test_every_path_against_eager(path, dtype):
             for i, (n, c_in, c_out, h, w, k, padding) in enumerate(cases):
                 x, wt, b = make_inputs(n, c_in, c_out, h, w, k, dtype, seed=i, x_grad=c_in > 1)
                 check_against_eager(x, wt, b, padding, activation, seed=i)
+
+
+# a NaN pixel inside the image reaches the outputs and gradients that read it, as in eager (relu, sigmoid and
+# tanh had turned it into a number), on both forward paths (column: 1->6; channel: 6->16)
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_input_propagates_as_in_eager(path):
+    with cpu_path(path):
+        for activation in ACTIVATIONS:
+            for i, (n, c_in, c_out, size, padding) in enumerate([(2, 1, 6, 28, 2), (2, 6, 16, 14, 0)]):
+                x, wt, b = make_inputs(n, c_in, c_out, size, size, 5, torch.float32, seed=i, x_grad=c_in > 1)
+                with torch.no_grad():
+                    x[1, 0, 6, 7] = float("nan")
+                ref = conv_act_pool_reference(x, wt, b, padding, activation)
+                assert torch.isnan(ref[1]).any() and not torch.isnan(ref[0]).any()
+                check_against_eager(x, wt, b, padding, activation, seed=i, equal_nan=True)
 
 
 # backward over several chunks (grad_W and grad_b are summed per 8 samples, then chunk by chunk) and a tail

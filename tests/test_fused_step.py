@@ -1,6 +1,7 @@
 """fastmnist.fused_step against eager training: the same parameters and optimizer state after N steps."""
 
 import copy
+import math
 import platform
 
 import pytest
@@ -305,6 +306,17 @@ def test_update_flushes_subnormal_state(optimizer):
 
 
 # ---- what cannot be fused is refused, naming the part ----
+
+@pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
+def test_nan_input_gives_a_nan_loss_as_in_eager(name, options):
+    """One NaN pixel: eager's loss is NaN for every model, and so is the fused step's (the relu, sigmoid and
+    tanh kernels had turned the NaN into a number, and the step went on with a finite loss)."""
+    fused, _, step, eager, eager_opt, eager_loss = make_pair(name, options, "sgd", torch.float32)
+    (x, y), = make_batches(name, options, torch.float32, count=1)
+    x[2, 0, 14, 14] = float("nan")
+    assert math.isnan(eager_step(eager, eager_loss, eager_opt, x, y))
+    assert math.isnan(step(x, y))
+
 
 def test_rejects_unsupported_layers():
     model = nn.Sequential(nn.Flatten(), FusedLinear(784, 10), nn.Dropout(0.1))

@@ -158,6 +158,26 @@ def test_extreme_values():
         assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("n_out", [10, 70])  # our small-output kernels; BLAS and the bias+activation pass
+def test_nan_input_propagates_as_in_eager(path, n_out):
+    """A NaN in x makes its row of the output NaN after every activation and reaches the gradients where eager's
+    does (relu, sigmoid and tanh had turned it into a number; relu's derivative at a NaN output is eager's 1)."""
+    with cpu_path(path):
+        for activation in ACTIVATIONS:
+            x, w, b = make_inputs((5, 37), n_out, torch.float32, seed=n_out)
+            with torch.no_grad():
+                x[1, 3] = float("nan")
+            tensors = [x, w, b]
+            grad_out = torch.randn(5, n_out, generator=torch.Generator().manual_seed(1))
+            out, grads = grads_of(lambda: fastmnist.linear_act(x, w, b, activation), tensors, grad_out)
+            ref, ref_grads = grads_of(lambda: linear_act_reference(x, w, b, activation), tensors, grad_out)
+            assert torch.isnan(ref[1]).all() and not torch.isnan(ref[0]).any()
+            assert_close(out, ref, equal_nan=True)
+            for g, r in zip(grads, ref_grads):
+                assert_close(g, r, equal_nan=True)
+
+
 @pytest.mark.parametrize("path", ["avx2", "avx512"])
 def test_vectorised_and_portable_paths_agree(path):
     def run():

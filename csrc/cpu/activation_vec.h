@@ -12,6 +12,8 @@ inline namespace FASTMNIST_VEC_NS {  // see simd.h
 // (simd.h's vexp_n), so kernels that have several vectors ready pass them together.
 //   sigmoid(z) = 1 / (1 + e^-z): e^-z saturates at large |z|, so the result tends to 0 or 1 without NaN.
 //   tanh(z) = sign(z) (1 - t) / (1 + t), t = e^{-2|z|} in (0, 1]: no overflow for any z.
+// A NaN z gives NaN, as in PyTorch: relu's test lets it through, and sigmoid and tanh put z back where it is NaN
+// (vexp clamps a NaN into its range, so their formulas alone would give a number).
 template <Activation A, typename T, int U>
 FASTMNIST_INLINE void vactivate_n(Vec<T> (&z)[U], T slope) {
   if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
@@ -22,16 +24,16 @@ FASTMNIST_INLINE void vactivate_n(Vec<T> (&z)[U], T slope) {
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       if constexpr (A == Activation::Sigmoid) {
-        z[u] = T(1) / (T(1) + e[u]);
+        z[u] = z[u] == z[u] ? T(1) / (T(1) + e[u]) : z[u];
       } else {
         const Vec<T> m = (T(1) - e[u]) / (T(1) + e[u]);
-        z[u] = z[u] < T(0) ? -m : m;
+        z[u] = z[u] < T(0) ? -m : (z[u] == z[u] ? m : z[u]);
       }
     }
   } else {
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
-      if constexpr (A == Activation::Relu) z[u] = z[u] > T(0) ? z[u] : broadcast<T>(T(0));
+      if constexpr (A == Activation::Relu) z[u] = z[u] < T(0) ? broadcast<T>(T(0)) : z[u];
       if constexpr (A == Activation::LeakyRelu) z[u] = z[u] > T(0) ? z[u] : z[u] * slope;
     }
   }
@@ -54,7 +56,7 @@ FASTMNIST_INLINE T activate(T z, T slope) {
 template <Activation A, typename T>
 FASTMNIST_INLINE Vec<T> vgrad_from_output(Vec<T> y, T slope) {
   if constexpr (A == Activation::Identity) return broadcast<T>(T(1));
-  if constexpr (A == Activation::Relu) return y > T(0) ? broadcast<T>(T(1)) : broadcast<T>(T(0));
+  if constexpr (A == Activation::Relu) return y <= T(0) ? broadcast<T>(T(0)) : broadcast<T>(T(1));
   if constexpr (A == Activation::LeakyRelu) return y > T(0) ? broadcast<T>(T(1)) : broadcast<T>(slope);
   if constexpr (A == Activation::Sigmoid) return y * (T(1) - y);
   if constexpr (A == Activation::Tanh) return T(1) - y * y;
