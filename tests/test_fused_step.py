@@ -305,18 +305,18 @@ def test_update_flushes_subnormal_state(optimizer):
     assert torch.full((1 << 16,), smallest_normal, dtype=dtype).mul(0.5).gt(0).all()  # in the thread pool too
 
 
-# ---- what cannot be fused is refused, naming the part ----
-
 @pytest.mark.parametrize("name,options", MODELS, ids=[f"{n}-{'-'.join(o.values())}" for n, o in MODELS])
 def test_nan_input_gives_a_nan_loss_as_in_eager(name, options):
     """One NaN pixel: eager's loss is NaN for every model, and so is the fused step's (the relu, sigmoid and
     tanh kernels had turned the NaN into a number, and the step went on with a finite loss)."""
-    fused, _, step, eager, eager_opt, eager_loss = make_pair(name, options, "sgd", torch.float32)
+    _, _, step, eager, eager_opt, eager_loss = make_pair(name, options, "sgd", torch.float32)
     (x, y), = make_batches(name, options, torch.float32, count=1)
     x[2, 0, 14, 14] = float("nan")
     assert math.isnan(eager_step(eager, eager_loss, eager_opt, x, y))
     assert math.isnan(step(x, y))
 
+
+# ---- what cannot be fused is refused, naming the part ----
 
 def test_rejects_unsupported_layers():
     model = nn.Sequential(nn.Flatten(), FusedLinear(784, 10), nn.Dropout(0.1))
