@@ -151,6 +151,27 @@ def test_extreme_logits(dtype):
     check_against_eager(logits, t, dict(reduction="none", label_smoothing=0.2))
 
 
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_logits_propagate_as_in_eager(path, dtype):
+    """A NaN logit makes its row's loss and gradient NaN, as eager's, in the short-row (10 classes) and long-row
+    kernels: the shared exp keeps a NaN, where clamping it into its range would give a number."""
+    gen = torch.Generator().manual_seed(6)
+    with cpu_path(path):
+        for classes in (10, 37):
+            logits = torch.randn(9, classes, generator=gen, dtype=dtype) * 3
+            logits[1, 4] = float("nan")
+            logits[4] = float("nan")
+            logits[6, 0] = float("nan")
+            target = torch.randint(0, classes, (9,), generator=gen)
+            target[6] = -100  # an ignored row with a NaN: its loss is left out, its gradient still NaN
+            for reduction in REDUCTIONS:
+                check_against_eager(logits, target, dict(reduction=reduction, ignore_index=-100))
+                check_against_eager(logits, target, dict(reduction=reduction, ignore_index=-100,
+                                                         label_smoothing=0.2))
+                check_against_eager(logits, torch.softmax(torch.randn_like(logits), 1), dict(reduction=reduction))
+
+
 def test_empty_and_all_ignored_give_nan():
     for reduction in REDUCTIONS:
         for prob in (False, True):

@@ -88,6 +88,21 @@ def test_extreme_logits(dtype):
     check_against_eager(x, torch.round(t), dict(reduction="none"))
 
 
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_logits_propagate_as_in_eager(path, dtype):
+    """A NaN logit gives NaN in its loss term and its gradient (and the reduced loss), as eager's: the shared exp
+    keeps a NaN, where clamping it into its range would give a number."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 19, generator=gen, dtype=dtype) * 4
+    x[0, 3] = x[2, 18] = x[4, 8] = float("nan")
+    t = torch.rand(x.shape, generator=gen, dtype=dtype)
+    with cpu_path(path):
+        for reduction in REDUCTIONS:
+            for pw in (None, torch.rand(19, generator=gen, dtype=dtype) * 3):
+                check_against_eager(x, t, dict(reduction=reduction, pos_weight=pw))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_logit_gradient_in_the_tails(dtype):
     # sigmoid(x) - t where sigmoid(x) is tiny (relative accuracy, no 1 - 1 cancellation), 1, or exactly 0 / 1

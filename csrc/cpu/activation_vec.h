@@ -12,8 +12,7 @@ inline namespace FASTMNIST_VEC_NS {  // see simd.h
 // (simd.h's vexp_n), so kernels that have several vectors ready pass them together.
 //   sigmoid(z) = 1 / (1 + e^-z): e^-z saturates at large |z|, so the result tends to 0 or 1 without NaN.
 //   tanh(z) = sign(z) (1 - t) / (1 + t), t = e^{-2|z|} in (0, 1]: no overflow for any z.
-// A NaN z gives NaN, as in PyTorch: relu's test lets it through, and sigmoid and tanh put z back where it is NaN
-// (vexp clamps a NaN into its range, so their formulas alone would give a number).
+// A NaN z gives NaN, as in PyTorch: relu's test lets it through, and vexp keeps it for sigmoid and tanh.
 template <Activation A, typename T, int U>
 FASTMNIST_INLINE void vactivate_n(Vec<T> (&z)[U], T slope) {
   if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
@@ -24,10 +23,10 @@ FASTMNIST_INLINE void vactivate_n(Vec<T> (&z)[U], T slope) {
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       if constexpr (A == Activation::Sigmoid) {
-        z[u] = z[u] == z[u] ? T(1) / (T(1) + e[u]) : z[u];
+        z[u] = T(1) / (T(1) + e[u]);
       } else {
         const Vec<T> m = (T(1) - e[u]) / (T(1) + e[u]);
-        z[u] = z[u] < T(0) ? -m : (z[u] == z[u] ? m : z[u]);
+        z[u] = z[u] < T(0) ? -m : m;
       }
     }
   } else {

@@ -11,13 +11,12 @@
 namespace fastmnist::cpu {
 inline namespace FASTMNIST_VEC_NS {  // see simd.h
 
-// exp(x) that is exact at the edges the losses meet: 0 below the underflow limit (exp(-inf) = 0, where vexp
-// saturates), and NaN in gives NaN out. Softmax rows with -inf logits and all-(-inf) rows then give eager's
-// results.
+// exp(x) that is exact at the low edge the losses meet: 0 below the underflow limit (exp(-inf) = 0, where vexp
+// saturates); NaN in gives NaN out, as vexp's. Softmax rows with -inf logits and all-(-inf) rows then give
+// eager's results.
 template <typename T>
 FASTMNIST_INLINE Vec<T> vexp0(Vec<T> x) {
-  const Vec<T> out = x < ExpRange<T>::lo ? broadcast<T>(T(0)) : vexp<T>(x);
-  return x == x ? out : x;
+  return x < ExpRange<T>::lo ? broadcast<T>(T(0)) : vexp<T>(x);
 }
 
 // sigmoid(x) with one exp and one division, accurate in relative terms in both tails: with e = exp(-|x|) in

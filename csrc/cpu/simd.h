@@ -16,6 +16,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -168,6 +169,9 @@ struct ExpRange {
 // precomputed, then scaled by 2^n through the exponent bits.
 // Inputs are clamped to ExpRange first, so the result saturates (to ~0 or ~max) instead of producing garbage;
 // callers use it where saturation is the right limit (sigmoid, tanh), or patch the edges (loss_vec.h's vexp0).
+// A NaN stays NaN: the clamp takes x as the second operand of vmax and vmin (a > b ? a : b keeps b when a test
+// with NaN fails), and 2^n is built from the bits of n + magic, never by converting a NaN to an integer (which
+// C++ leaves undefined); NaN times any scale is NaN.
 // One exp is a chain of ~20 dependent operations, too long for the out-of-order window to overlap with the
 // next one: each step is therefore taken for all U vectors before the next step, so that U independent chains
 // interleave in program order (sigmoid on Zen 1: ~34 cycles per vector alone, ~25 four at a time).
@@ -185,7 +189,7 @@ FASTMNIST_INLINE void vexp_n(Vec<T> (&x)[U]) {
   Vec<T> n[U], r[U], p[U];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
-    x[u] = vmin<T>(vmax<T>(x[u], broadcast<T>(ExpRange<T>::lo)), broadcast<T>(ExpRange<T>::hi));
+    x[u] = vmin<T>(broadcast<T>(ExpRange<T>::hi), vmax<T>(broadcast<T>(ExpRange<T>::lo), x[u]));
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u) n[u] = (x[u] * log2e + magic) - magic;
 #pragma GCC unroll 16
@@ -196,12 +200,18 @@ FASTMNIST_INLINE void vexp_n(Vec<T> (&x)[U]) {
   for (int k = degree - 1; k >= 0; --k)
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) p[u] = p[u] * r[u] + c[k];
+  // n is an integer of at most 1023 in magnitude, so n + magic is exact and its low mantissa bits hold n as a
+  // two's-complement integer: bits(n + magic) - bits(magic) = n.
   using I = std::conditional_t<is_float, int32_t, int64_t>;
   constexpr int mantissa = is_float ? 23 : 52;
   constexpr I bias = is_float ? 127 : 1023;
+  constexpr I magic_bits = std::bit_cast<I>(magic);
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u) {
-    const IntVec<T> e = (__builtin_convertvector(n[u], IntVec<T>) + bias) << mantissa;
+    const Vec<T> shifted = n[u] + magic;
+    IntVec<T> n_bits;
+    std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+    const IntVec<T> e = (n_bits - (magic_bits - bias)) << mantissa;
     Vec<T> scale;
     std::memcpy(&scale, &e, sizeof(scale));
     x[u] = p[u] * scale;
