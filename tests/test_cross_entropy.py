@@ -169,7 +169,8 @@ def test_nan_logits_propagate_as_in_eager(path, dtype):
                 check_against_eager(logits, target, dict(reduction=reduction, ignore_index=-100))
                 check_against_eager(logits, target, dict(reduction=reduction, ignore_index=-100,
                                                          label_smoothing=0.2))
-                check_against_eager(logits, torch.softmax(torch.randn_like(logits), 1), dict(reduction=reduction))
+                probs = torch.softmax(torch.randn(logits.shape, generator=gen, dtype=dtype), 1)
+                check_against_eager(logits, probs, dict(reduction=reduction))
 
 
 def test_empty_and_all_ignored_give_nan():
