@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fastmnist import cli
-from fastmnist.bench.harness import Case, cpu_model, run_case, stamp
+from fastmnist.bench.harness import Case, cpu_model, run_case, stamp, summarize_rounds
 
 
 def test_bench_quick_writes_json_table_and_chart(tmp_path):
@@ -23,6 +23,20 @@ def test_bench_quick_writes_json_table_and_chart(tmp_path):
     assert "| softmax b=256, 1000 images |" in (tmp_path / "epochs_quick.md").read_text()
     with Image.open(tmp_path / "epochs_quick.png") as image:
         assert image.format == "PNG" and image.width > 100
+
+
+def test_ratios_of_the_medians_and_by_round():
+    # the machine halves its speed in the third round, between the baseline's turn and the candidate's: the
+    # candidate is twice as fast within every round but that one, and the ratio of the medians reads 1.0x
+    per_round = {"eager": [1.0, 1.0, 1.0, 2.0, 2.0], "fused": [0.5, 0.5, 1.0, 1.0, 1.0]}
+    timings = summarize_rounds(per_round, "eager")
+    assert timings["fused"]["ratio_vs_baseline"] == pytest.approx(1.0)
+    assert timings["fused"]["ratio_by_round"] == pytest.approx(2.0)
+    assert timings["fused"]["ratio_by_round_min"] == pytest.approx(1.0)
+    assert timings["fused"]["ratio_by_round_max"] == pytest.approx(2.0)
+    assert timings["fused"]["median_us"] == pytest.approx(1e6)
+    assert (timings["fused"]["min_us"], timings["fused"]["max_us"]) == pytest.approx((0.5e6, 1e6))
+    assert timings["eager"]["ratio_by_round"] == timings["eager"]["ratio_vs_baseline"] == 1.0
 
 
 @pytest.mark.parametrize("threads", [1, 2])

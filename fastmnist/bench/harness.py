@@ -3,8 +3,9 @@
 Candidates of one case (the eager baseline first) are timed with torch.utils.benchmark, interleaved round by
 round in one process, so that drifting machine load hits them alike; each round gives a median, and the case
 reports the median over rounds with the spread (min and max of the round medians). Ratios are baseline time
-over candidate time (> 1 means faster than the baseline). Results are written as JSON stamped with the
-machine, torch version and git commit.
+over candidate time (> 1 means faster than the baseline): the ratio of the two medians, and, less moved by a
+machine whose speed drifts between rounds, the median of the ratios taken within each round ("by round").
+Results are written as JSON stamped with the machine, torch version and git commit.
 """
 
 from __future__ import annotations
@@ -114,17 +115,30 @@ def run_case(case: Case, rounds: int = 5, min_run_time: float = 0.1, device: str
                                  num_threads=torch.get_num_threads())
             per_round[label].append(timer.blocked_autorange(min_run_time=min_run_time).median)
     base_label = case.baseline[0]
-    base = statistics.median(per_round[base_label])
+    return {"case": case.name, "baseline": base_label, "info": case.info,
+            "timings": summarize_rounds(per_round, base_label)}
+
+
+def summarize_rounds(per_round: dict[str, list[float]], base_label: str) -> dict[str, dict]:
+    """Per label, from its time in each round (seconds): the median and spread in us, the ratio of the baseline's
+    median to its median, and the median of the per-round ratios (the baseline's time over its time in the same
+    round), with their range."""
+    base_rounds = per_round[base_label]
+    base = statistics.median(base_rounds)
     timings = {}
     for label, samples in per_round.items():
         median = statistics.median(samples)
+        by_round = [b / t for b, t in zip(base_rounds, samples)]
         timings[label] = {
             "median_us": median * 1e6,
             "min_us": min(samples) * 1e6,
             "max_us": max(samples) * 1e6,
             "ratio_vs_baseline": base / median,
+            "ratio_by_round": statistics.median(by_round),
+            "ratio_by_round_min": min(by_round),
+            "ratio_by_round_max": max(by_round),
         }
-    return {"case": case.name, "baseline": base_label, "info": case.info, "timings": timings}
+    return timings
 
 
 def run_cases(cases: list[Case], rounds: int = 5, min_run_time: float = 0.1, device: str = "cpu",
@@ -138,10 +152,14 @@ def run_cases(cases: list[Case], rounds: int = 5, min_run_time: float = 0.1, dev
     return rows
 
 
+def _ratios(timing: dict) -> str:
+    return f"{timing['ratio_vs_baseline']:.2f}x; {timing['ratio_by_round']:.2f}x by round"
+
+
 def format_row(row: dict) -> str:
     parts = [f"{row['case']:<44}"]
     for label, t in row["timings"].items():
-        ratio = "" if label == row["baseline"] else f" ({t['ratio_vs_baseline']:.2f}x)"
+        ratio = "" if label == row["baseline"] else f" ({_ratios(t)})"
         parts.append(f"{label} {t['median_us']:9.1f} us{ratio}")
     return " | ".join(parts)
 
@@ -160,7 +178,7 @@ def markdown_table(rows: list[dict]) -> str:
             elif label == row["baseline"]:
                 cells.append(f"{t['median_us']:.1f}")
             else:
-                cells.append(f"{t['median_us']:.1f} ({t['ratio_vs_baseline']:.2f}x)")
+                cells.append(f"{t['median_us']:.1f} ({_ratios(t)})")
         lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,7 +193,8 @@ def write_results(name: str, rows: list[dict], out_dir: Path | str = RESULTS_DIR
     path.write_text(json.dumps(document, indent=2) + "\n")
     s = document["stamp"]
     header = (f"# {name}\n\n{s['machine']}, torch {s['torch']}, {s['threads']} threads, commit {s['commit']}, "
-              f"{s['date']}. Median of interleaved rounds; ratio = baseline time / candidate time.\n\n")
+              f"{s['date']}. Median of interleaved rounds; ratio = baseline time / candidate time, of the medians and "
+              "(by round) the median of the ratios within each round.\n\n")
     (out_dir / f"{name}.md").write_text(header + markdown_table(rows) + "\n")
     return path
 
