@@ -186,31 +186,33 @@ FASTMNIST_INLINE void vexp_n(Vec<T> (&x)[U]) {
   T c[degree + 1];
   c[0] = T(1);
   for (int k = 1; k <= degree; ++k) c[k] = c[k - 1] / T(k);
-  Vec<T> n[U], r[U], p[U];
+  // shifted = n + magic, n = round(x log2e): adding magic rounds to an integer and leaves n, at most 1023 in
+  // magnitude, in the low mantissa bits as a two's-complement integer: bits(shifted) - bits(magic) = n.
+  Vec<T> shifted[U], r[U], p[U];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
     x[u] = vmin<T>(broadcast<T>(ExpRange<T>::hi), vmax<T>(broadcast<T>(ExpRange<T>::lo), x[u]));
 #pragma GCC unroll 16
-  for (int u = 0; u < U; ++u) n[u] = (x[u] * log2e + magic) - magic;
+  for (int u = 0; u < U; ++u) shifted[u] = x[u] * log2e + magic;
 #pragma GCC unroll 16
-  for (int u = 0; u < U; ++u) r[u] = x[u] - n[u] * ln2_hi - n[u] * ln2_lo;
+  for (int u = 0; u < U; ++u) {
+    const Vec<T> n = shifted[u] - magic;
+    r[u] = x[u] - n * ln2_hi - n * ln2_lo;
+  }
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u) p[u] = broadcast<T>(c[degree]);
 #pragma GCC unroll 16
   for (int k = degree - 1; k >= 0; --k)
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) p[u] = p[u] * r[u] + c[k];
-  // n is an integer of at most 1023 in magnitude, so n + magic is exact and its low mantissa bits hold n as a
-  // two's-complement integer: bits(n + magic) - bits(magic) = n.
   using I = std::conditional_t<is_float, int32_t, int64_t>;
   constexpr int mantissa = is_float ? 23 : 52;
   constexpr I bias = is_float ? 127 : 1023;
   constexpr I magic_bits = std::bit_cast<I>(magic);
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u) {
-    const Vec<T> shifted = n[u] + magic;
     IntVec<T> n_bits;
-    std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+    std::memcpy(&n_bits, &shifted[u], sizeof(n_bits));
     const IntVec<T> e = (n_bits - (magic_bits - bias)) << mantissa;
     Vec<T> scale;
     std::memcpy(&scale, &e, sizeof(scale));
