@@ -94,9 +94,13 @@ struct Workspace {
   at::Tensor head_chunk_grads;          // (chunks, n, k): the fused head's weight gradient per row chunk
 };
 
-// Elements per task in the optimizer updates. A parallel region costs microseconds on a quiet machine and
-// milliseconds when another process holds a core (a thread waits out a time slice), so only updates big
-// enough to pay for it (784x400 weights, not 784x200) are split across threads.
+// Elements per task in the optimizer updates (SGD and Adam). A parallel region costs microseconds on a quiet
+// machine and milliseconds when another process holds a core (a thread waits out a time slice), so only updates
+// big enough to pay for it (784x400 weights, not 784x200) are split across threads. Adam over 784x200 weights on
+// two threads made the batch-1 classifier's step 3-4% faster on a quiet Zen 4 VM, but 3.5x slower (~350 us
+// against ~100) while the host kept the two vCPUs far apart (a cache-line round trip of 320-380 ns instead of
+// ~60; perf: the forward's GEMV reads all the weights on the first thread, and the second thread's half of the
+// update took ~8x longer). On one thread it kept ~100 us in both states.
 constexpr int64_t kGrain = 1 << 18;
 // Rows per chunk of the fused head's pass (head_forward_backward), fixed: the weight gradient's sum order depends
 // on it. Softmax regression's batch of 256 makes two chunks, one per thread (its step on fresh batches, Xeon,
@@ -673,8 +677,7 @@ class FusedStep : public torch::CustomClassHolder {
                                   static_cast<T>(1 - lr * weight_decay_), decoupled_};
       T* m = state_[3 * index + 1].mutable_data_ptr<T>();
       T* v = state_[3 * index + 2].mutable_data_ptr<T>();
-      // a square root and a division per element: 784x200 weights (~300 us on one core) are worth two threads
-      at::parallel_for(0, n, kGrain / 8, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
         cpu::run_kernel<cpu::AdamUpdate<T>>(p, grad, m, v, i0, i1, args);
       });
     });
