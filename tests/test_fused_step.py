@@ -283,8 +283,10 @@ def test_ignored_targets_match_eager(batch):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum"])
 def test_update_flushes_subnormal_state(optimizer):
     """The optimizer update flushes subnormals to zero (on x86 each one costs a microcode assist): optimizer state
-    that decays into the subnormal range (gradient 0: an input pixel that is always 0) becomes 0, where eager keeps
-    it; the parameters still match eager, and the caller's threads keep their floating-point mode."""
+    that decays into the subnormal range (gradient 0: an input pixel that is always 0) never holds a subnormal,
+    where eager's does; the parameters still match eager, and the caller's threads keep their floating-point mode.
+    Adam's first moment becomes 0 where the compiler contracts its lerp into one FMA (0.9 * tiny, flushed), and
+    stays at tiny where it does not (an -O0 build: the step (0 - tiny) * 0.1 is flushed); both are flushes."""
     dtype = torch.float32
     fused, fused_opt, step, eager, eager_opt, eager_loss = make_pair("softmax", {}, optimizer, dtype)
     (x, y), = make_batches("softmax", {}, dtype, count=1)
@@ -299,7 +301,10 @@ def test_update_flushes_subnormal_state(optimizer):
     eager_step(eager, eager_loss, eager_opt, x, y)
     decayed_eager = eager_opt.state[eager.fc1.weight][key][:, 0]
     assert ((decayed_eager > 0) & (decayed_eager < smallest_normal)).all()  # eager: subnormal
-    assert (fused_opt.state[fused.fc1.weight][key][:, 0] == 0).all()
+    decayed_fused = fused_opt.state[fused.fc1.weight][key][:, 0]
+    assert ((decayed_fused == 0) | (decayed_fused == smallest_normal)).all()
+    if optimizer == "sgd-momentum":  # 0.9 * tiny, no sum: flushed with or without contraction
+        assert (decayed_fused == 0).all()
     assert_parity(fused, eager, dtype)
     assert torch.tensor([smallest_normal], dtype=dtype).mul(0.5).item() > 0  # the mode was restored
     assert torch.full((1 << 16,), smallest_normal, dtype=dtype).mul(0.5).gt(0).all()  # in the thread pool too
