@@ -97,10 +97,11 @@ struct Workspace {
 // Elements per task in the optimizer updates (SGD and Adam). A parallel region costs microseconds on a quiet
 // machine and milliseconds when another process holds a core (a thread waits out a time slice), so only updates
 // big enough to pay for it (784x400 weights, not 784x200) are split across threads. Adam over 784x200 weights on
-// two threads made the batch-1 classifier's step 3-4% faster on a quiet Zen 4 VM, but 3.5x slower (~350 us
-// against ~100) while the host kept the two vCPUs far apart (a cache-line round trip of 320-380 ns instead of
-// ~60; perf: the forward's GEMV reads all the weights on the first thread, and the second thread's half of the
-// update took ~8x longer). On one thread it kept ~100 us in both states.
+// two threads made the classifier's step 3-4% faster at batch 1 on a quiet Zen 4 VM (~25% at batch 16), but
+// 3.5x slower at batch 1 (~350 us against ~100; 2.4x at batch 16) while the VM's two vCPUs were slow to reach
+// each other (a cache-line round trip of 320-380 ns instead of ~60; perf: the forward's GEMV reads all the
+// weights on the first thread, and the second thread's half of the update took ~8x longer). On one thread the
+// batch-1 step kept ~100 us in both states.
 constexpr int64_t kGrain = 1 << 18;
 // Rows per chunk of the fused head's pass (head_forward_backward), fixed: the weight gradient's sum order depends
 // on it. Softmax regression's batch of 256 makes two chunks, one per thread (its step on fresh batches, Xeon,
