@@ -175,6 +175,36 @@ def test_parity_head_in_row_chunks(name, optimizer, dtype):
     assert_trains_like_eager(name, {}, optimizer, dtype, batch=150, count=2)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam-wd"])
+def test_update_split_mid_row_across_threads(optimizer, batch):
+    """An update of more than 2^18 elements is split across the threads: 784 x 401 weights on two threads split
+    at element 157,192, half-way through row 200 and not on a vector boundary. At batch 1 the gradient is the
+    outer product formed inside the update (rows of x scaled per output), so the split also cuts a scaled row."""
+    dtype = torch.float64  # no kinks (sigmoid), parity to float64 rounding
+    torch.manual_seed(3)
+    fused = nn.Sequential(nn.Flatten(), FusedLinear(784, 401, activation="sigmoid"),
+                          FusedLinear(401, 10, activation="identity")).to(dtype)
+    eager = nn.Sequential(nn.Flatten(), nn.Linear(784, 401), nn.Sigmoid(), nn.Linear(401, 10)).to(dtype)
+    with torch.no_grad():
+        for pe, pf in zip(eager.parameters(), fused.parameters()):
+            pe.copy_(pf)
+    fused_opt, eager_opt = OPTIMIZERS[optimizer](fused.parameters()), OPTIMIZERS[optimizer](eager.parameters())
+    step = fastmnist.fused_step(fused, fastmnist.nn.SoftmaxCrossEntropyLoss(), fused_opt)
+    batches = make_batches("mlp", {}, dtype, count=3, batch=batch)
+    ambient = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for i in range(12):
+            x, y = batches[i % len(batches)]
+            step(x, y)
+            eager_step(eager, nn.CrossEntropyLoss(), eager_opt, x, y)
+    finally:
+        torch.set_num_threads(ambient)
+    assert_parity(fused, eager, dtype)
+    assert_state_parity(fused_opt, eager_opt, dtype)
+
+
 def test_softmax_step_is_independent_of_the_thread_count():
     """Every sum of softmax regression's step is taken in an order fixed by the batch size alone (the head's row
     chunks, the bias gradient's row chunks), so one and two threads give the same parameters bit for bit. (Models
