@@ -178,14 +178,17 @@ def test_parity_head_in_row_chunks(name, optimizer, dtype):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam-wd"])
 def test_update_split_mid_row_across_threads(optimizer, batch):
-    """An update of more than 2^18 elements is split across the threads: 784 x 401 weights on two threads split
-    at element 157,192, half-way through row 200 and not on a vector boundary. At batch 1 the gradient is the
-    outer product formed inside the update (rows of x scaled per output), so the split also cuts a scaled row."""
+    """An update of more than 2^18 elements is split across the threads, here in the middle of a row: 784 x 1001
+    weights at element 392,392 (row 500, column 392) and 1001 x 263 at 131,632 (row 131, column 501). At batch 1
+    the gradient is the outer product formed inside the update, row by row (rows of x scaled per output), so the
+    split cuts a scaled row, and the first thread's part of row 131 ends in a partial vector."""
     dtype = torch.float64  # no kinks (sigmoid), parity to float64 rounding
     torch.manual_seed(3)
-    fused = nn.Sequential(nn.Flatten(), FusedLinear(784, 401, activation="sigmoid"),
-                          FusedLinear(401, 10, activation="identity")).to(dtype)
-    eager = nn.Sequential(nn.Flatten(), nn.Linear(784, 401), nn.Sigmoid(), nn.Linear(401, 10)).to(dtype)
+    fused = nn.Sequential(nn.Flatten(), FusedLinear(784, 1001, activation="sigmoid"),
+                          FusedLinear(1001, 263, activation="sigmoid"),
+                          FusedLinear(263, 10, activation="identity")).to(dtype)
+    eager = nn.Sequential(nn.Flatten(), nn.Linear(784, 1001), nn.Sigmoid(), nn.Linear(1001, 263), nn.Sigmoid(),
+                          nn.Linear(263, 10)).to(dtype)
     with torch.no_grad():
         for pe, pf in zip(eager.parameters(), fused.parameters()):
             pe.copy_(pf)
