@@ -71,11 +71,20 @@ def cpu_path(path):
         torch.ops.fastmnist.set_cpu_path("auto")
 
 
+@contextlib.contextmanager
+def num_threads(threads):
+    """Runs the block on `threads` intra-op threads, and puts the previous count back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Import into a test module to run its tests on one intra-op thread."""
     # Tiny batches on a shared 2-core machine: two intra-op threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield

@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastmnist import cli
 from fastmnist.bench.harness import Case, cpu_model, run_case, stamp, summarize_rounds
+from helpers import num_threads
 
 
 def test_bench_quick_writes_json_table_and_chart(tmp_path):
@@ -46,13 +47,9 @@ def test_timings_run_on_the_stamped_thread_count(threads):
     def record():
         seen.append(torch.get_num_threads())
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         run_case(Case("threads", ("baseline", record), [("candidate", record)], {}), rounds=2, min_run_time=0.001)
         stamped = stamp()["threads"]
-    finally:
-        torch.set_num_threads(before)
     assert stamped == threads
     assert seen and set(seen) == {threads}
 

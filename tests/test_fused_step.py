@@ -11,6 +11,7 @@ from torch import nn
 import fastmnist
 from fastmnist import models
 from fastmnist.nn import FusedLinear
+from helpers import num_threads
 
 # Parity is judged norm-wise per parameter, ||fused - eager|| / ||eager||: float32 kernels round differently
 # from eager's (the small-output kernels, the loss, the reductions), and Adam magnifies the difference
@@ -73,15 +74,11 @@ def eager_step(model, loss_fn, optimizer, x, y, threads=1):
     """One eager step, by default single-threaded: eager's own result moves with the thread count (measured:
     8e-5 relative after 100 steps of the LayerNorm classifier between 1 and 2 threads, where the fused step
     moves 4e-8), so the reference is pinned to one thread."""
-    ambient = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-    finally:
-        torch.set_num_threads(ambient)
     return loss.item()
 
 
@@ -195,15 +192,11 @@ def test_update_split_mid_row_across_threads(optimizer, batch):
     fused_opt, eager_opt = OPTIMIZERS[optimizer](fused.parameters()), OPTIMIZERS[optimizer](eager.parameters())
     step = fastmnist.fused_step(fused, fastmnist.nn.SoftmaxCrossEntropyLoss(), fused_opt)
     batches = make_batches("mlp", {}, dtype, count=3, batch=batch)
-    ambient = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         for i in range(12):
             x, y = batches[i % len(batches)]
             step(x, y)
             eager_step(eager, nn.CrossEntropyLoss(), eager_opt, x, y)
-    finally:
-        torch.set_num_threads(ambient)
     assert_parity(fused, eager, dtype)
     assert_state_parity(fused_opt, eager_opt, dtype)
 
@@ -216,14 +209,10 @@ def test_softmax_step_is_independent_of_the_thread_count():
     (x, y), = make_batches(name, {}, torch.float32, count=1, batch=150)
     index = torch.randperm(150, generator=torch.Generator().manual_seed(5))
     results = []
-    ambient = torch.get_num_threads()
     for threads in (1, 2):
         fused, _, step, *_ = make_pair(name, {}, "adam", torch.float32)
-        torch.set_num_threads(threads)
-        try:
+        with num_threads(threads):
             losses = [step(x, y), step(x, y, index=index), step(x[:100], y[:100])]
-        finally:
-            torch.set_num_threads(ambient)
         results.append((losses, [p.detach().clone() for p in fused.parameters()]))
     (losses_1, params_1), (losses_2, params_2) = results
     assert losses_1 == losses_2
